@@ -1,0 +1,5 @@
+import sys
+
+from fakedet.cli import main
+
+sys.exit(main())

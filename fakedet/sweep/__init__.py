@@ -1,0 +1,1 @@
+"""Sweeps on Ray Tune, Optuna and MLflow: `python sweeps/run.py ablation|hpo|cutoff`."""

@@ -1,0 +1,110 @@
+"""`fakedet train` (one model on prepared data) and `fakedet predict` (score image files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fakedet.config import PRESETS, SHUFFLE_MODES, TrainConfig, default_cache_root
+from fakedet.models import ARCHITECTURES, PLACEMENTS
+
+# The evaluation sets of the study (CIFAKE test, CIFAR-100 test, AGIRI test) plus the two validation
+# splits a cutoff may be chosen on.
+EVAL_SETS = ("cifake_val", "cifake_test", "cifar100_test", "agiri_val", "agiri_test")
+SUMMARY_METRICS = ("acc", "f1", "auc", "precision_real", "recall_real", "precision_fake", "recall_fake", "real_recall", "loss")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        default="synthetic",
+        help="synthetic (the built-in stand-in), kaggle (download with kagglehub), or PATH: a prepared cache "
+        "or a folder holding cifake/, agiri/ and cifar100/ (default: synthetic)",
+    )
+    parser.add_argument("--cache-root", default=None, help=f"where prepared data are cached (default: {default_cache_root()})")
+
+
+def parse_points(text: str) -> tuple[float, ...]:
+    try:
+        points = tuple(float(p) for p in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epochs separated by commas, e.g. 0.25,0.5,1,2; got {text!r}") from None
+    return points
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one model on prepared data and save a checkpoint",
+                       description="Train one model with the study's protocol (every option's default is the study's).")
+    add_data_arguments(p)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the study's models: base (10 epochs), srm (SRM at pool1, 10 epochs), mini (1 epoch)")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES))
+    p.add_argument("--srm", choices=list(PLACEMENTS), help="SRM placement")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--shuffle", choices=SHUFFLE_MODES)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-at", type=parse_points, help="extra evaluation points in epochs, e.g. 0.25,0.5,1,5")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--out", type=Path, default=Path("checkpoints/model.pt"), help="checkpoint path (default: checkpoints/model.pt)")
+    p.add_argument("--history", type=Path, help="also write the evaluation history as JSON here")
+    p.add_argument("--smoke", action="store_true", help="tiny data and one epoch: a check that everything runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+    from fakedet.predict import add_predict_subcommand
+
+    add_predict_subcommand(sub)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    if args.smoke:
+        values["epochs"] = 1
+    for name in ("arch", "srm", "epochs", "lr", "momentum", "batch_size", "shuffle", "seed", "eval_at", "device"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    return TrainConfig(**values)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from fakedet.data import cache_hash, load_splits, resolve_data
+    from fakedet.models import save_checkpoint
+    from fakedet.provenance import run_record
+    from fakedet.train import train
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"fakedet train: {e}", file=sys.stderr)
+        return 2
+    try:
+        cache = resolve_data(args.data, args.cache_root or default_cache_root(), size="tiny" if args.smoke else "default")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"fakedet train: {e}", file=sys.stderr)
+        return 2
+    splits = load_splits(cache)
+    eval_sets = {k: splits[k] for k in EVAL_SETS if k in splits}
+    print(f"training {cfg.arch} srm={cfg.srm} for {cfg.epochs:g} epochs on {len(splits['cifake_train'])} images "
+          f"({args.data}, cache {cache_hash(cache)})", file=sys.stderr)
+    result = train(cfg, splits["cifake_train"], eval_sets, progress=not args.no_progress)
+
+    final = result.final["metrics"]
+    rows = {name: {k: m[k] for k in SUMMARY_METRICS if k in m} for name, m in final.items() if name != "train"}
+    table = pd.DataFrame(rows).T.reindex(columns=[c for c in SUMMARY_METRICS if any(c in r for r in rows.values())])
+    print(f"\nafter {result.final['epoch']:g} epochs (train loss {final['train']['loss']:.4f}):")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+
+    record = {"config": cfg.to_dict(), "data": args.data, "data_hash": cache_hash(cache), **run_record(cfg.device)}
+    save_checkpoint(args.out, result.model, {**cfg.to_dict(), "record": record})
+    print(f"\ncheckpoint: {args.out}")
+    if args.history:
+        args.history.parent.mkdir(parents=True, exist_ok=True)
+        args.history.write_text(json.dumps({**record, "history": result.history}, indent=1))
+        print(f"history: {args.history}")
+    return 0

@@ -1,0 +1,206 @@
+"""The sweep command as a user runs it: real Ray, a real MLflow SQLite store, the small stand-in."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(REPO / "sweeps" / "run.py")]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    # Ray's socket paths must stay short: its temp dir goes under /tmp directly
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fdray", dir="/tmp"))
+    yield {"root": root, "cache": root / "cache", "ray_tmp": ray_tmp}
+
+
+def sweep_args(ws, name: str, *extra: str, kind: str = "ablation") -> list[str]:
+    return [*RUN, kind, "--smoke", "--name", name, "--cache-root", str(ws["cache"]),
+            "--storage-path", str(ws["root"] / "ray_results"), "--tracking-uri", f"sqlite:///{ws['root'] / 'mlflow.db'}",
+            "--ray-temp-dir", str(ws["ray_tmp"]), "--num-cpus", "2", *extra]
+
+
+def run(args, timeout=600, **kw):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", None), **kw)
+
+
+def client(ws):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{ws['root'] / 'mlflow.db'}")
+
+
+def sweep_runs(ws, name):
+    c = client(ws)
+    parent = c.search_runs([e.experiment_id for e in c.search_experiments()],
+                           filter_string=f"tags.`fakedet.sweep` = '{name}' and tags.`fakedet.kind` = 'sweep'")
+    assert len(parent) == 1, f"expected one parent run for {name}, found {len(parent)}"
+    parent = parent[0]
+    children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return c, parent, children
+
+
+def assert_no_duplicate_points(c, runs):
+    for r in runs:
+        for key in ("train/loss", "cifake_test/acc", "agiri_val/auc"):
+            steps = [m.step for m in c.get_metric_history(r.info.run_id, key)]
+            assert len(steps) == len(set(steps)), f"{r.info.run_name}: duplicate steps in {key}: {sorted(steps)}"
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(workspace):
+    proc = run(sweep_args(workspace, "smoke1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
+    out = smoke_sweep.stdout
+    assert out.splitlines()[0].startswith("MLflow tracking: sqlite:///")
+    assert "mlflow ui --backend-store-uri sqlite:///" in out.splitlines()[1]
+    assert "[progress] trials 2/2 done" in out
+    assert "headline: Spearman" in out or "cutoffs" in out
+
+    c, parent, children = sweep_runs(workspace, "smoke1")
+    assert parent.info.status == "FINISHED"
+    # smoke grid: srm {none, pool1} × epochs {1, 2} × lr {1e-3} × 1 seed
+    assert len(children) == 4
+    assert {(r.data.params["srm"], float(r.data.params["epochs"])) for r in children} == {
+        ("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
+    for r in children:
+        assert r.info.status == "FINISHED"
+        for p in ("srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle", "data", "data_hash", "code_version"):
+            assert p in r.data.params, p
+        m = r.data.metrics
+        for key in ("cifake_test/acc", "cifake_test/f1", "cifake_test/auc", "cifake_val/loss", "cifar100_test/real_recall",
+                    "agiri_test/acc", "agiri_val/auc", "train/loss", "epoch"):
+            assert key in m, key
+        assert m["epoch"] == pytest.approx(float(r.data.params["epochs"]))  # final value is at the cell's epoch count
+        assert not any(k.endswith(("/tp", "/n")) for k in m)  # counts live in artifacts, not in the run table
+        names = {a.path for a in c.list_artifacts(r.info.run_id)}
+        for artifact in ("model.pt", "cifake_test_thresholds.png", "cifake_test_confusion.csv", "cifar100_test_recall_fine.csv"):
+            assert artifact in names, (artifact, names)
+    # the curve: the 2-epoch cell has points at 0.5, 1 and 2 epochs
+    two = next(r for r in children if r.data.params["srm"] == "none" and float(r.data.params["epochs"]) == 2)
+    assert [round(m.value, 3) for m in sorted(c.get_metric_history(two.info.run_id, "epoch"), key=lambda m: m.step)] == [0.5, 1.0, 2.0]
+    assert_no_duplicate_points(c, children)
+    # the parent holds the correlations and the cutoff analysis
+    pm = parent.data.metrics
+    assert any("spearman" in k for k in pm) and any("pearson" in k for k in pm) and any("kendall" in k for k in pm)
+    assert "corr/points/n" in pm and any(k.startswith("cutoff/transfer_val/") for k in pm)
+    analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
+    assert {"analysis/cutoffs.csv", "analysis/correlations_cells.csv", "analysis/cutoff_curves.png"} <= analysis
+
+
+def test_cells_sharing_a_trajectory_equal_separate_runs(workspace, smoke_sweep):
+    """The 1-epoch cell, read off the 2-epoch trajectory, equals a separate 1-epoch run with the same seed."""
+    from fakedet.config import TrainConfig
+    from fakedet.data import load_splits, resolve_data
+    from fakedet.sweep.trainable import SWEEP_EVAL_SETS
+    from fakedet.train import train
+
+    c, parent, children = sweep_runs(workspace, "smoke1")
+    one = next(r for r in children if r.data.params["srm"] == "pool1" and float(r.data.params["epochs"]) == 1)
+    splits = load_splits(resolve_data("synthetic", workspace["cache"], size="small", show_progress=False))
+    cfg = TrainConfig(srm="pool1", epochs=1, lr=float(one.data.params["lr"]), seed=int(one.data.params["seed"]), device="cpu")
+    separate = train(cfg, splits["cifake_train"], {k: splits[k] for k in SWEEP_EVAL_SETS if k in splits})
+    for dataset, metrics in separate.final["metrics"].items():
+        if dataset == "train":
+            continue
+        for name in ("acc", "auc", "loss", "real_recall"):
+            if name in metrics:
+                assert one.data.metrics[f"{dataset}/{name}"] == pytest.approx(metrics[name], abs=1e-6), f"{dataset}/{name}"
+
+
+def test_cutoff_command_rereads_a_finished_sweep(workspace, smoke_sweep):
+    proc = run([*RUN, "cutoff", "--sweep", "smoke1", "--tracking-uri", f"sqlite:///{workspace['root'] / 'mlflow.db'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "transfer_val" in proc.stdout and "intrinsic_val_loss" in proc.stdout and "patience_3" in proc.stdout
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint(workspace):
+    proc = run(sweep_args(workspace, "crash1", "--srm", "none", "--crash-once-after-step", "3"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[retry]" in proc.stdout
+    marker = workspace["root"] / "ray_results" / "crash1" / "crash_once.marker"
+    assert marker.exists()  # the worker really died once
+    c, parent, children = sweep_runs(workspace, "crash1")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert_no_duplicate_points(c, children)
+    two = next(r for r in children if float(r.data.params["epochs"]) == 2)
+    assert len(c.get_metric_history(two.info.run_id, "train/loss")) == 3  # 0.5, 1, 2: nothing lost
+
+
+def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace):
+    db = workspace["root"] / "mlflow.db"
+    args = sweep_args(workspace, "resume1", "--epochs", "1,3", "--max-concurrent", "1")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    # interrupt once the first cell of the first trajectory has finished, mid-way through the sweep
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if db.exists():
+            with sqlite3.connect(db) as con:
+                n = con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                                "where t.key = 'fakedet.sweep' and t.value = 'resume1' and r.status = 'FINISHED'").fetchone()[0]
+            if n >= 1:
+                break
+    assert proc.poll() is None, "the sweep ended before it could be interrupted: " + proc.stdout.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-2000:]
+    assert "--resume resume1" in out, out[-2000:]
+
+    resumed = run([*RUN, "ablation", "--resume", "resume1", "--storage-path", str(workspace["root"] / "ray_results"),
+                   "--ray-temp-dir", str(workspace["ray_tmp"]), "--num-cpus", "2", "--cache-root", str(workspace["cache"])])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    c, parent, children = sweep_runs(workspace, "resume1")
+    assert parent.info.status == "FINISHED"
+    keys = [r.data.tags["fakedet.cell_key"] for r in children]
+    assert len(keys) == len(set(keys)) == 4  # no cell run duplicated
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert_no_duplicate_points(c, children)
+    for r in children:  # nothing lost: every evaluation point up to the cell's epochs (0.5, 1, 2, 3)
+        expected = {1.0: 2, 3.0: 4}[float(r.data.params["epochs"])]
+        assert len(c.get_metric_history(r.info.run_id, "cifake_test/acc")) == expected, r.info.run_name
+
+
+def test_hpo_smoke(workspace):
+    optuna_db = workspace["root"] / "optuna.db"
+    proc = run(sweep_args(workspace, "hpo1", "--optuna-storage", f"sqlite:///{optuna_db}", kind="hpo"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="hpo1", storage=f"sqlite:///{optuna_db}")
+    assert len(study.trials) == 3
+    c, parent, children = sweep_runs(workspace, "hpo1")
+    assert len(children) == 3
+    assert all("agiri_val/auc" in r.data.metrics for r in children)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--srm", "none,pool9"], "unknown SRM placement"), (["--lr", "0"], "learning rates must be > 0"),
+     (["--epochs", "1,2.5"], "epochs must be positive integers"), (["--epochs", "0"], "epochs must be positive integers"),
+     (["--eval-at", "7"], "outside"), (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+     (["--data", "/nonexistent/data"], "nonexistent")],
+)
+def test_bad_input_stops_before_training(workspace, extra, message, tmp_path):
+    args = sweep_args(workspace, "bad", *extra)
+    args[args.index("--storage-path") + 1] = str(tmp_path / "ray_results")
+    proc = run(args, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not (tmp_path / "ray_results").exists()  # nothing was scheduled
