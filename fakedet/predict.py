@@ -26,7 +26,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _uint8_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+def uint8_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images
     images = np.ascontiguousarray(images)
@@ -42,7 +42,7 @@ def preprocess(images_uint8: np.ndarray | torch.Tensor, device: torch.device | s
     exact value, as the reference's float64 computation cast to float32 is. The uint8 data move to
     the device before the cast (4× less to transfer); the cast also makes the layout contiguous NCHW.
     """
-    x = _uint8_tensor(images_uint8)
+    x = uint8_tensor(images_uint8)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 images N×H×W×3, got {x.dtype} {tuple(x.shape)}")
     if device is not None:

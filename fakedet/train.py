@@ -24,7 +24,7 @@ from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.metrics import score_logits
 from fakedet.models import build_model
-from fakedet.predict import predict_logits, preprocess, resolve_device
+from fakedet.predict import predict_logits, preprocess, resolve_device, uint8_tensor
 
 STATE_FORMAT = "fakedet-train-state/1"
 
@@ -159,9 +159,9 @@ def train(
         step, history = int(resume["step"]), list(resume["history"])
     points = [p for p in points if p > step]
 
-    images = torch.from_numpy(np.ascontiguousarray(train_set.images)).to(device)
+    images = uint8_tensor(train_set.images).to(device)
     labels = torch.from_numpy(np.asarray(train_set.labels, dtype=np.float32)).to(device)
-    eval_images = {k: torch.from_numpy(np.ascontiguousarray(s.images)).to(device) for k, s in eval_sets.items()}
+    eval_images = {k: uint8_tensor(s.images).to(device) for k, s in eval_sets.items()}
 
     def snapshot() -> dict[str, Any]:
         return {

@@ -348,8 +348,9 @@ def _run_config(plan: SweepPlan, storage, callbacks):
         callbacks=callbacks,
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=int(plan.study.budget.get("max_failures", 2))),
-        # the driver reads each checkpoint's artifacts as it arrives; only the newest is needed to resume
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # every evaluation point's checkpoint is kept: a few hundred kB each, and any point can be
+        # reloaded later (a cutoff's model); a num_to_keep limit also forces an experiment snapshot per checkpoint
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
     )
 
 

@@ -1,0 +1,191 @@
+"""CIFAR-100 from its python-version pickles, read with an unpickler that cannot run code.
+
+torchvision's CIFAR100 class exposes fine labels only and unpickles with the standard (code-running)
+unpickler; the study needs the 20 coarse superclasses as well, so the pickles are read here.
+
+Format (https://www.cs.toronto.edu/~kriz/cifar.html): Python 2 pickles of dicts with keys
+`data` (uint8 N×3072, each row the 1024 red, then green, then blue values of a 32×32 image, row-major),
+`fine_labels`, `coarse_labels` (lists of int), `filenames`; `meta` holds `fine_label_names` and
+`coarse_label_names`. Read with `encoding="bytes"` the keys are bytes (b'data'); with "latin1"
+(torchvision) they are str. Both are accepted.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fakedet.data.errors import LayoutError, UnsafePickleError
+
+# MD5s of the Toronto release, as torchvision pins them (torchvision/datasets/cifar.py, CIFAR100).
+OFFICIAL_MD5 = {
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
+}
+
+
+def _reconstruct(subtype, shape, dtype):  # noqa: ANN001 - pickle protocol signature
+    # numpy's array pickles call _reconstruct(ndarray, (0,), b"b"); refuse any other class, whose
+    # __setstate__ could be anything
+    if subtype is not np.ndarray:
+        raise UnsafePickleError(f"refused: array reconstruction of {subtype!r} (only numpy.ndarray is admitted)")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _codecs_encode(text, encoding="utf-8"):  # noqa: ANN001
+    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(str, "latin1"); admit that
+    # codec only (others, e.g. zlib_codec, are transforms no CIFAR file needs)
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise UnsafePickleError(f"refused: _codecs.encode with encoding {encoding!r} (only latin1 is admitted)")
+    return codecs.encode(text, "latin1")
+
+
+def _scalar(dtype, data=None):  # noqa: ANN001
+    from numpy._core.multiarray import scalar
+
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafePickleError(f"refused: numpy scalar of dtype {dtype!r}")
+    return scalar(dtype, data) if data is not None else scalar(dtype)
+
+
+def _frombuffer(buf, dtype, shape, order):  # noqa: ANN001
+    from numpy._core.numeric import _frombuffer
+
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafePickleError(f"refused: numpy buffer of dtype {dtype!r}")
+    return _frombuffer(buf, dtype, shape, order)
+
+
+# The only globals these files hold: numpy array (and scalar) reconstruction, numpy.dtype, and the
+# latin1 codec Python 3 uses for bytes. Containers, str, bytes and ints are plain opcodes.
+# numpy 1.x pickles name numpy.core.*, numpy 2.x numpy._core.*: both map to the same callables.
+_ADMITTED = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _codecs_encode,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
+        super().__init__(file, encoding="bytes")
+        self._source = source
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        try:
+            return _ADMITTED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"{self._source}: refused to unpickle {module}.{name}. CIFAR-100 pickles hold only dicts, "
+                f"lists, bytes, ints and numpy arrays; this file asks for something else, so it is not a "
+                f"CIFAR-100 file or it has been tampered with. Nothing in it was executed. Replace it with "
+                f"the official files (https://www.cs.toronto.edu/~kriz/cifar.html)."
+            ) from None
+
+    def persistent_load(self, pid):  # noqa: ANN001, ANN201
+        raise UnsafePickleError(f"{self._source}: refused a persistent id in the pickle; nothing was executed")
+
+
+def safe_load(path: str | Path) -> object:
+    """Unpickle a CIFAR pickle; anything but containers, bytes, numbers and arrays raises UnsafePickleError."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        obj = _RestrictedUnpickler(f, str(path)).load()
+    for arr in _arrays(obj):
+        if arr.dtype.hasobject:
+            raise UnsafePickleError(f"{path}: refused an object array (CIFAR-100 arrays are uint8)")
+    return obj
+
+
+def _arrays(obj: object, depth: int = 0):  # noqa: ANN202
+    if depth > 4:
+        return
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _arrays(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj[:16]:  # label lists hold ints; a glance at the head is enough
+            yield from _arrays(v, depth + 1)
+
+
+def _key(d: dict, name: str, path: Path) -> object:
+    for k in (name.encode(), name):
+        if k in d:
+            return d[k]
+    raise LayoutError(
+        f"{path}: a CIFAR-100 pickle with the key {name!r} was expected; found keys {sorted(map(str, d))}"
+    )
+
+
+def _text(x: bytes | str) -> str:
+    return x.decode("latin1") if isinstance(x, bytes) else str(x)
+
+
+def md5_of(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Cifar100Split:
+    images: np.ndarray  # uint8 N×32×32×3, channel last
+    fine: np.ndarray  # int16 N
+    coarse: np.ndarray  # int16 N
+    filenames: list[str]
+    md5: str
+    official: bool
+
+
+def read_meta(root: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    path = root / "meta"
+    meta = safe_load(path)
+    if not isinstance(meta, dict):
+        raise LayoutError(
+            f"{path}: expected a dict with fine_label_names and coarse_label_names, got {type(meta).__name__}"
+        )
+    fine = tuple(_text(x) for x in _key(meta, "fine_label_names", path))
+    coarse = tuple(_text(x) for x in _key(meta, "coarse_label_names", path))
+    if len(fine) == 0 or len(coarse) == 0:
+        raise LayoutError(f"{path}: empty label name lists (fine {len(fine)}, coarse {len(coarse)})")
+    return fine, coarse
+
+
+def read_split(root: Path, split: str) -> Cifar100Split:
+    path = root / split
+    d = safe_load(path)
+    if not isinstance(d, dict):
+        raise LayoutError(f"{path}: expected a dict with data, fine_labels, coarse_labels, got {type(d).__name__}")
+    data = np.asarray(_key(d, "data", path))
+    fine = np.asarray(_key(d, "fine_labels", path), dtype=np.int64)
+    coarse = np.asarray(_key(d, "coarse_labels", path), dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise LayoutError(
+            f"{path}: 'data' must be uint8 N×3072 (channel-planar 32×32 RGB), got {data.dtype} {data.shape}"
+        )
+    if not (len(fine) == len(coarse) == len(data)):
+        raise LayoutError(f"{path}: {len(data)} images but {len(fine)} fine and {len(coarse)} coarse labels")
+    names = d.get(b"filenames", d.get("filenames"))
+    filenames = [_text(x) for x in names] if names is not None and len(names) == len(data) else [""] * len(data)
+    md5 = md5_of(path)
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return Cifar100Split(
+        images, fine.astype(np.int16), coarse.astype(np.int16), filenames, md5, md5 == OFFICIAL_MD5.get(split)
+    )

@@ -1,0 +1,295 @@
+"""Decode image files of any size and mode into 32×32 RGB uint8, in parallel, listing every skip.
+
+One function, `decode_image`, turns the bytes of one file into a 32×32×3 uint8 array or raises
+`Skip` with a reason; `decode_files` runs it over many files in worker processes, chunked, with
+a progress bar, and returns the rows that decoded, in input order, plus a reason for each that
+did not. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageFile
+
+SIZE = 32  # every set is N×32×32×3 (fakedet.arrays.IMAGE_SHAPE)
+
+# Files considered images, by extension (lower case). Anything else under a class folder
+# (.DS_Store, Thumbs.db, README.txt, ...) is ignored and listed as ignored, not decoded.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+
+RESIZE_METHODS: dict[str, int | None] = {
+    "bilinear": Image.Resampling.BILINEAR,  # antialiased: Pillow widens the filter support when reducing
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "nearest": Image.Resampling.NEAREST,
+    # `Image.resize(size)` with no filter, as the reference project called it: BICUBIC for RGB
+    # in Pillow >= 7 (applied after our RGB conversion, so never the NEAREST used for "P"/"1").
+    "pil-default": None,
+}
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Every choice that changes decoded pixels. All of it goes into the cache key."""
+
+    resize: str = "bilinear"
+    """Filter used when an image is not 32×32 (one of RESIZE_METHODS). The reference study used
+    PIL's default resize ("pil-default"); antialiased bilinear is our default because it matches
+    how CIFAKE's fakes were downsampled (study, section 2) and does not sharpen."""
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    """Decompression-bomb guard: the most pixels we let a decoder allocate for one image. The default
+    is Pillow's own warning threshold (~89.5 MP, 268 MB as RGB). JPEGs above it are decoded in
+    draft mode (DCT-domain downscaling by 2, 4 or 8) so honest large photos still load; other
+    formats above it are skipped with the reason."""
+    max_file_bytes: int = 256 * 2**20
+    """Files larger than this are skipped unread (a 32-px target never needs them)."""
+    jpeg_draft: bool = False
+    """Also use JPEG draft mode for speed on every JPEG larger than 4×32 px per side. Off by default:
+    the reference decoded at full resolution before resizing, and draft scaling changes pixels."""
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_METHODS:
+            raise ValueError(f"unknown resize method {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
+        if self.max_pixels < SIZE * SIZE:
+            raise ValueError(f"max_pixels must be at least {SIZE * SIZE}, got {self.max_pixels}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Skip(Exception):
+    """A file that is not decoded; the message is the reason recorded in the manifest."""
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB.
+
+    Pillow's own `convert("RGB")` clips 16- and 32-bit greys at 255 (a 16-bit PNG turns white) and
+    copies LAB channels as if they were RGB, so those modes are converted here; alpha is dropped
+    (Pillow's semantics; what a plain `convert("RGB")` pipeline such as the reference's does).
+    """
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        a = np.asarray(im)
+        if mode.startswith("I;16"):
+            grey = (a.astype(np.uint32) >> 8).astype(np.uint8)  # 16-bit: keep the top byte
+        elif mode == "I":
+            a = a.astype(np.int64)
+            # 32-bit int images are nearly always 16-bit data widened by Pillow (PNG, TIFF)
+            grey = (np.clip(a, 0, 65535) >> 8 if a.max(initial=0) > 255 else np.clip(a, 0, 255)).astype(np.uint8)
+        else:
+            a = np.nan_to_num(a.astype(np.float64))
+            scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0  # float images in [0, 1] or in [0, 255]
+            grey = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if mode == "LAB":
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(im, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    if mode in ("P", "PA") and "transparency" in im.info:
+        im = im.convert("RGBA")  # palette transparency must go through RGBA (Pillow warns otherwise)
+    if mode in ("La", "RGBa"):
+        im = im.convert("RGBA")  # premultiplied alpha: Pillow converts these only via RGBA
+    return im.convert("RGB")
+
+
+def decode_image(data: bytes, opts: DecodeOptions) -> np.ndarray:
+    """The bytes of one image file as 32×32×3 uint8 RGB, or `Skip(reason)`."""
+    if len(data) == 0:
+        raise Skip("empty file (0 bytes)")
+    # Pillow's global bomb check would refuse a large JPEG at open, before we can ask for draft
+    # mode; our own check below replaces it (it is restored at once: other code may rely on it).
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        im = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.UnidentifiedImageError:
+        raise Skip("not an image: Pillow cannot identify the format") from None
+    except Exception as e:  # noqa: BLE001 - a broken header raises whatever its plugin raises
+        raise Skip(f"unreadable header: {type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+    with im:
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise Skip(f"invalid size {w}×{h}")
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)  # animated GIF/WebP/multi-page TIFF: the first frame
+        pixels = w * h
+        if im.format == "JPEG" and (pixels > opts.max_pixels or (opts.jpeg_draft and min(w, h) > 4 * SIZE)):
+            # draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale: memory and time fall by up
+            # to 64×, so a 200 MP photo costs what a 3 MP one does. Pick the least reduction that
+            # fits the budget (or, for jpeg_draft, that keeps at least 4×32 px per side).
+            for scale in (1, 2, 4, 8):
+                tw, th = -(-w // scale), -(-h // scale)
+                if tw * th <= opts.max_pixels and (not opts.jpeg_draft or min(tw, th) <= 4 * SIZE or scale == 8):
+                    break
+            if scale > 1:
+                im.draft(None, (tw, th))
+            w, h = im.size
+            pixels = w * h
+        if pixels > opts.max_pixels:
+            raise Skip(
+                f"decompression-bomb guard: {w}×{h} = {pixels:,} px exceeds max_pixels {opts.max_pixels:,} "
+                f"({im.format}; only JPEG can be decoded at reduced size)"
+            )
+        try:
+            im.load()
+            rgb = _to_rgb(im)
+            if rgb.size != (SIZE, SIZE):
+                method = RESIZE_METHODS[opts.resize]
+                rgb = rgb.resize((SIZE, SIZE)) if method is None else rgb.resize((SIZE, SIZE), method)
+            out = np.asarray(rgb, dtype=np.uint8)
+        except Skip:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated, bad CRC, unsupported mode, ...: skip, never crash
+            raise Skip(f"decode failed: {type(e).__name__}: {e}") from None
+    if out.shape != (SIZE, SIZE, 3):
+        raise Skip(f"decoded to an unexpected shape {out.shape}")
+    return out
+
+
+@dataclass
+class Decoded:
+    """The result of decoding a list of files: rows that decoded, in input order."""
+
+    images: np.ndarray
+    """uint8 K×32×32×3, K ≤ len(input)."""
+    kept: np.ndarray
+    """Indices into the input list of the rows in `images`."""
+    skipped: list[tuple[int, str]]
+    """(input index, reason) for each file that was not decoded."""
+    digests: list[str]
+    """sha1 of each input file's bytes ("" when unreadable), in input order."""
+    seconds: float = 0.0
+
+
+def process_context():  # noqa: ANN201
+    """The multiprocessing context for worker pools: fork on Linux, spawn elsewhere.
+
+    Workers run only numpy and Pillow code, never torch, so fork is safe even when the parent holds
+    torch's thread pools; unlike spawn it starts in milliseconds and works when __main__ is stdin
+    or a notebook. macOS and Windows use spawn (fork is unsafe with their system frameworks).
+    """
+    return get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _decode_chunk(root: str, relpaths: Sequence[str], opts: DecodeOptions) -> tuple[np.ndarray, np.ndarray, list, list]:
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
+    images = np.zeros((len(relpaths), SIZE, SIZE, 3), np.uint8)
+    ok = np.zeros(len(relpaths), bool)
+    reasons: list[str | None] = []
+    digests: list[str] = []
+    for i, rel in enumerate(relpaths):
+        path = os.path.join(root, rel)
+        try:
+            size = os.path.getsize(path)
+            if size > opts.max_file_bytes:
+                raise Skip(f"file of {size:,} bytes exceeds max_file_bytes {opts.max_file_bytes:,}")
+            with open(path, "rb") as f:
+                data = f.read()
+        except Skip as e:
+            reasons.append(str(e))
+            digests.append("")
+            continue
+        except OSError as e:
+            reasons.append(f"cannot read: {e.strerror or e}")
+            digests.append("")
+            continue
+        digests.append(hashlib.sha1(data).hexdigest())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the pixels are still fine
+                images[i] = decode_image(data, opts)
+            ok[i] = True
+            reasons.append(None)
+        except Skip as e:
+            reasons.append(str(e))
+    return images, ok, reasons, digests
+
+
+def decode_files(
+    root: str | Path,
+    relpaths: Sequence[str],
+    opts: DecodeOptions,
+    *,
+    workers: int | None = None,
+    chunk_size: int = 256,
+    desc: str = "decode",
+    show_progress: bool = True,
+) -> Decoded:
+    """Decode `root/relpath` for each relpath, in parallel; output order is input order.
+
+    workers: processes to use (default: all cores); 0 decodes in this process. Small inputs
+    (one chunk) are decoded in-process too: starting workers would cost more than it saves.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    n = len(relpaths)
+    root = str(root)
+    chunks = [list(relpaths[i : i + chunk_size]) for i in range(0, n, chunk_size)]
+    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    reasons: list[str | None] = [None] * n
+    digests: list[str] = [""] * n
+    if workers is None:
+        workers = os.cpu_count() or 1
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not show_progress, leave=False, dynamic_ncols=True)
+
+    def store(k: int, result: tuple) -> None:
+        imgs, good, why, sha = result
+        lo = k * chunk_size
+        images[lo : lo + len(good)] = imgs
+        ok[lo : lo + len(good)] = good
+        reasons[lo : lo + len(good)] = why
+        digests[lo : lo + len(good)] = sha
+        bar.update(len(good))
+
+    try:
+        if workers <= 1 or len(chunks) <= 1:
+            for k, chunk in enumerate(chunks):
+                store(k, _decode_chunk(root, chunk, opts))
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=process_context()) as pool:
+                futures = {pool.submit(_decode_chunk, root, chunk, opts): k for k, chunk in enumerate(chunks)}
+                from concurrent.futures import as_completed
+
+                for fut in as_completed(futures):
+                    store(futures[fut], fut.result())
+    finally:
+        bar.close()
+    kept = np.flatnonzero(ok)
+    bad = np.flatnonzero(~ok)
+    # compact in place, run by run between skipped rows (rows only move forward), then return a
+    # view: no second N×3072 copy at CIFAKE scale
+    dst = prev = 0
+    for s in [*bad.tolist(), n]:
+        if s > prev:
+            if dst != prev:
+                images[dst : dst + s - prev] = images[prev:s]
+            dst += s - prev
+        prev = s + 1
+    skipped = [(int(i), reasons[i] or "unknown") for i in bad]
+    return Decoded(images[: len(kept)], kept, skipped, digests, time.perf_counter() - t0)

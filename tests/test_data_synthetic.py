@@ -1,0 +1,180 @@
+"""The built-in stand-in: deterministic, in the real on-disk formats, and learnable but not trivially."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fakedet.data import load_splits, make_synthetic, resolve_data
+from fakedet.data.synthetic import SIZES, cifake_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "fakedet-data-tiny"
+    resolve_data("synthetic", root, size="tiny", show_progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_src(tiny_root) -> Path:
+    return tiny_root / "synthetic-tiny" / "sources"
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_deterministic_bytes_whatever_the_parallelism(tiny_src, tmp_path):
+    again = make_synthetic(tmp_path / "again", "tiny", workers=0, show_progress=False)
+    assert _tree_digest(again) == _tree_digest(tiny_src)
+    other_seed = make_synthetic(tmp_path / "seed1", "tiny", seed=1, show_progress=False)
+    assert _tree_digest(other_seed) != _tree_digest(tiny_src)
+
+
+def test_idempotent_and_refuses_foreign_folders(tiny_src, tmp_path):
+    assert make_synthetic(tiny_src, "tiny", show_progress=False) == tiny_src  # already there: nothing done
+    with pytest.raises(FileExistsError, match="holds another stand-in"):
+        make_synthetic(tiny_src, "small", show_progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_synthetic(tmp_path / "busy", "tiny", show_progress=False)
+
+
+def test_cifake_format(tiny_src):
+    size = SIZES["tiny"]
+    for split, n in (("train", size.cifake_train), ("test", size.cifake_test)):
+        for label in ("REAL", "FAKE"):
+            files = sorted(p.name for p in (tiny_src / "cifake" / split / label).iterdir())
+            assert len(files) == n
+            assert all(re.fullmatch(r"\d+( \(\d+\))?\.jpg", f) for f in files), files[:5]
+    assert (tiny_src / "cifake" / "train" / "REAL" / "0000 (10).jpg").is_file()
+    assert (tiny_src / "cifake" / "train" / "FAKE" / "0 (10).jpg").is_file()
+    assert cifake_name(19, "REAL") == "0001 (10).jpg" and cifake_name(10, "FAKE") == "1.jpg"
+    with Image.open(tiny_src / "cifake" / "test" / "FAKE" / "0 (2).jpg") as im:
+        assert im.format == "JPEG" and im.size == (32, 32) and im.mode == "RGB"
+
+
+def test_agiri_is_varied_and_has_corrupt_files(tiny_src):
+    modes, formats, sizes = Counter(), Counter(), Counter()
+    for p in (tiny_src / "agiri").rglob("*"):
+        if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
+            try:
+                with Image.open(p) as im:
+                    modes[im.mode] += 1
+                    formats[im.format] += 1
+                    sizes[im.size] += 1
+            except Exception:  # noqa: BLE001 - the corrupt ones
+                pass
+    assert {"RGB", "L", "RGBA", "P"} <= set(modes) and len(modes) >= 6, modes
+    assert {"JPEG", "PNG", "WEBP"} <= set(formats), formats
+    assert len(sizes) >= 5 and any(w > 32 for w, _ in sizes) and any(w < 32 for w, _ in sizes)
+    assert (tiny_src / "agiri" / "test" / "real" / "empty.jpg").stat().st_size == 0
+    assert (tiny_src / "agiri" / "train" / ".DS_Store").is_file()
+
+
+def test_cifar100_pickles_are_the_toronto_format(tiny_src):
+    folder = tiny_src / "cifar100" / "cifar-100-python"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta", "test", "train"]
+    with open(folder / "test", "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    assert d[b"data"].dtype == np.uint8 and d[b"data"].shape == (100 * SIZES["tiny"].cifar100_test, 3072)
+    assert Counter(d[b"fine_labels"]) == {c: SIZES["tiny"].cifar100_test for c in range(100)}
+    assert all(c == f // 5 for c, f in zip(d[b"coarse_labels"], d[b"fine_labels"]))
+    with open(folder / "meta", "rb") as f:
+        meta = pickle.load(f, encoding="bytes")
+    assert len(meta[b"fine_label_names"]) == 100 and len(meta[b"coarse_label_names"]) == 20
+
+
+def test_real_and_fake_differ_in_the_designed_way(tiny_root):
+    """The fingerprint is there (fakes are smoother, reals noisier) but overlaps: not separable by one threshold."""
+    sets = load_splits(tiny_root / "synthetic-tiny" / "cache")
+    s = sets["cifake_train"]
+    g = s.images.astype(np.float32).mean(-1)
+    lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+    energy = np.log(lap.var((1, 2)))
+    real, fake = energy[s.labels == 1], energy[s.labels == 0]
+    assert real.mean() > fake.mean() + 0.5
+    best = max(((energy > t) == (s.labels == 1)).mean() for t in np.quantile(energy, np.linspace(0.02, 0.98, 49)))
+    assert 0.7 < best < 0.97, best
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "fakedet", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_make_synthetic_then_prepare_as_a_user_would(tmp_path):
+    r = _run("make-synthetic", "sd", "--size", "tiny", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "not evidence about the real datasets" in r.stdout
+    r = _run(
+        "prepare",
+        "--cifake",
+        "sd/cifake",
+        "--agiri",
+        "sd/agiri",
+        "--cifar100",
+        "sd/cifar100",
+        "--cache",
+        "c",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"agiri/test\s+50\s+50\s+3\s+1", r.stdout), r.stdout  # real, fake, skipped, ignored
+    assert "cifar100_test_jpeg" in r.stdout and "hash" in r.stdout
+    assert "skipped 3 file(s)" in r.stderr  # said, not silent
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert set(m["datasets"]) == {"cifake", "agiri", "cifar100"}
+    # --only and --sources
+    r = _run(
+        "prepare",
+        "--sources",
+        "sd",
+        "--only",
+        "cifake",
+        "--cache",
+        "c2",
+        "--quiet",
+        "--val-fraction",
+        "0.25",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads((tmp_path / "c2" / "manifest.json").read_text())["sets"]) == {
+        "cifake_train",
+        "cifake_val",
+        "cifake_test",
+    }
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    (tmp_path / "wrong" / "train").mkdir(parents=True)
+    r = _run("prepare", "--cifake", "wrong", "--only", "cifake", "--cache", "c", cwd=tmp_path)
+    assert r.returncode == 2
+    assert (
+        r.stderr.startswith("error: cifake:")
+        and "Expected the folders train/REAL" in r.stderr
+        and "Traceback" not in r.stderr
+    )
