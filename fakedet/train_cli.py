@@ -73,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from fakedet.data import cache_hash, load_splits, resolve_data
+    from fakedet.data import DataError, cache_hash, load_splits, resolve_data
     from fakedet.models import save_checkpoint
     from fakedet.provenance import run_record
     from fakedet.train import train
@@ -85,7 +85,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     try:
         cache = resolve_data(args.data, args.cache_root or default_cache_root(), size="tiny" if args.smoke else "default")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (DataError, ValueError, FileNotFoundError) as e:
         print(f"fakedet train: {e}", file=sys.stderr)
         return 2
     splits = load_splits(cache)

@@ -68,7 +68,7 @@ def test_load_splits_contract(tiny_cache):
     for name, s in sets.items():
         assert s.name == name
         assert s.images.dtype == np.uint8 and s.images.shape[1:] == (32, 32, 3)
-        assert isinstance(s.images, np.memmap) and not s.images.flags.writeable
+        assert isinstance(s.images, np.memmap) and s.images.mode == "c"  # copy-on-write map
         assert s.paths is not None and len(s.paths) == len(s)
     assert len(sets["cifake_train"]) + len(sets["cifake_val"]) == 2 * size.cifake_train
     assert len(sets["cifake_val"]) == round(0.1 * size.cifake_train) * 2  # 10%, stratified
@@ -114,6 +114,13 @@ def test_manifest_schema(tiny_cache):
     assert m["datasets"]["cifake"]["source"]["standin"] is True
     assert m["datasets"]["cifake"]["jpeg_quality_estimate"] == 90
     json.dumps(m)  # plain JSON all through
+
+
+def test_writes_to_a_loaded_set_never_reach_the_cache(tiny_cache):
+    s = load_splits(tiny_cache)["cifake_test"]
+    before = np.array(s.images[0])
+    s.images[0] = 7
+    assert np.array_equal(load_splits(tiny_cache)["cifake_test"].images[0], before)
 
 
 def test_warm_load_is_fast(tiny_cache):
@@ -300,3 +307,17 @@ def test_resolve_data_is_safe_from_two_processes(tmp_path):
     assert outs[0][0] == outs[1][0]  # same folder, same hash
     assert not [p for p in tmp_path.rglob(".tmp-*")]
     assert len(load_splits(tmp_path / "synthetic-tiny" / "cache")) == len(SET_NAMES)
+
+
+def test_data_option_helper(tiny_root, tiny_cache):
+    import argparse
+
+    from fakedet.data.cli import add_data_arguments, resolve_data_args
+
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    args = parser.parse_args(["--data-size", "tiny", "--cache-root", str(tiny_root)])
+    assert args.data == "synthetic"
+    assert resolve_data_args(args, show_progress=False) == tiny_cache
+    args = parser.parse_args(["--data", str(tiny_cache)])
+    assert resolve_data_args(args) == tiny_cache

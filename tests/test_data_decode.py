@@ -191,3 +191,14 @@ def test_unreadable_and_oversized_files(tmp_path):
 def test_image_extensions():
     assert is_image_name("0000 (10).jpg") and is_image_name("X.JPEG") and is_image_name("a.webp")
     assert not is_image_name(".DS_Store") and not is_image_name("Thumbs.db") and not is_image_name("notes.txt")
+
+
+def test_jpeg_draft_option_keeps_four_times_the_output_size(tmp_path):
+    rng = np.random.default_rng(5)
+    jpg = _save(tmp_path / "p.jpg", Image.fromarray(rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)), "JPEG")
+    with Image.open(jpg) as im:
+        im.draft(None, (300, 200))  # 1/2 scale: the most that keeps >= 128 px per side
+        assert im.size == (300, 200)
+        expected = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(_decode_one(jpg, DecodeOptions(jpeg_draft=True)), expected)
+    assert not np.array_equal(_decode_one(jpg), expected)  # off by default: full decode

@@ -2,54 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-RUN = [sys.executable, str(REPO / "sweeps" / "run.py")]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    # Ray's socket paths must stay short: its temp dir goes under /tmp directly
-    ray_tmp = Path(tempfile.mkdtemp(prefix="fdray", dir="/tmp"))
-    yield {"root": root, "cache": root / "cache", "ray_tmp": ray_tmp}
-
-
-def sweep_args(ws, name: str, *extra: str, kind: str = "ablation") -> list[str]:
-    return [*RUN, kind, "--smoke", "--name", name, "--cache-root", str(ws["cache"]),
-            "--storage-path", str(ws["root"] / "ray_results"), "--tracking-uri", f"sqlite:///{ws['root'] / 'mlflow.db'}",
-            "--ray-temp-dir", str(ws["ray_tmp"]), "--num-cpus", "2", *extra]
-
-
-def run(args, timeout=600, **kw):
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", None), **kw)
-
-
-def client(ws):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{ws['root'] / 'mlflow.db'}")
-
-
-def sweep_runs(ws, name):
-    c = client(ws)
-    parent = c.search_runs([e.experiment_id for e in c.search_experiments()],
-                           filter_string=f"tags.`fakedet.sweep` = '{name}' and tags.`fakedet.kind` = 'sweep'")
-    assert len(parent) == 1, f"expected one parent run for {name}, found {len(parent)}"
-    parent = parent[0]
-    children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return c, parent, children
+from conftest import RUN, run, sweep_args, sweep_runs
 
 
 def assert_no_duplicate_points(c, runs):
@@ -57,13 +17,6 @@ def assert_no_duplicate_points(c, runs):
         for key in ("train/loss", "cifake_test/acc", "agiri_val/auc"):
             steps = [m.step for m in c.get_metric_history(r.info.run_id, key)]
             assert len(steps) == len(set(steps)), f"{r.info.run_name}: duplicate steps in {key}: {sorted(steps)}"
-
-
-@pytest.fixture(scope="module")
-def smoke_sweep(workspace):
-    proc = run(sweep_args(workspace, "smoke1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
@@ -128,6 +81,12 @@ def test_cutoff_command_rereads_a_finished_sweep(workspace, smoke_sweep):
     proc = run([*RUN, "cutoff", "--sweep", "smoke1", "--tracking-uri", f"sqlite:///{workspace['root'] / 'mlflow.db'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transfer_val" in proc.stdout and "intrinsic_val_loss" in proc.stdout and "patience_3" in proc.stdout
+    c, parent, _ = sweep_runs(workspace, "smoke1")
+    # the same analysis again adds no duplicate points to the parent run
+    assert len(c.get_metric_history(parent.info.run_id, "corr/points/n")) == 1
+    # and resuming a finished sweep trains nothing
+    again = run([*RUN, "ablation", "--resume", "smoke1", "--storage-path", str(workspace["root"] / "ray_results")])
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
 
 
 def test_crashed_trial_is_retried_from_its_checkpoint(workspace):

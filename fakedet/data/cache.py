@@ -192,8 +192,11 @@ def _unit(cache_dir: Path, name: str, key: str, build: Callable[[Path], dict]) -
 
 
 def _read_set(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Copy-on-write maps: nothing is read until used, a write never reaches the cache file, and
+    # torch.from_numpy accepts them without its "non-writable array" warning (a read-only map
+    # would trigger it in every consumer that wraps the images in a tensor).
     return (
-        np.load(folder / f"{name}.images.npy", mmap_mode="r"),
+        np.load(folder / f"{name}.images.npy", mmap_mode="c"),
         np.load(folder / f"{name}.labels.npy"),
         np.load(folder / f"{name}.paths.npy"),
     )

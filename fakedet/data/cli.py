@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from fakedet.data.decode import RESIZE_METHODS
 from fakedet.data.errors import DataError
 from fakedet.data.sources import DATASETS, SOURCES
 from fakedet.data.synthetic import SIZES
-
-DEFAULT_CACHE_ROOT = os.environ.get("FAKEDET_CACHE", "cache")
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -237,7 +234,9 @@ def summary(manifest: dict, cache_dir: str | Path) -> str:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default: str = "synthetic") -> None:
-    """Add `--data synthetic|kaggle|PATH`, `--data-size`, `--data-cache` to a command's parser."""
+    """Add `--data synthetic|kaggle|PATH`, `--data-size` and `--cache-root` to a command's parser
+    (the same names `fakedet train` uses)."""
+    from fakedet.config import default_cache_root
     from fakedet.data.resolve import SPEC_HELP
 
     g = parser.add_argument_group("data")
@@ -246,16 +245,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str = "syntheti
         "--data-size", choices=tuple(SIZES), default="default", help="size of the synthetic stand-in (default: default)"
     )
     g.add_argument(
-        "--data-cache",
-        default=DEFAULT_CACHE_ROOT,
+        "--cache-root",
+        default=None,
         metavar="DIR",
-        help=f"where prepared data are kept (default: $FAKEDET_CACHE or ./{DEFAULT_CACHE_ROOT})",
+        help=f"where prepared data are kept (default: {default_cache_root()})",
     )
 
 
 def resolve_data_args(args: argparse.Namespace, show_progress: bool = True) -> Path:
     """The prepared cache directory that `add_data_arguments`' options name (preparing it if needed)."""
+    from fakedet.config import default_cache_root
     from fakedet.data.resolve import resolve_data
 
     _logging()
-    return resolve_data(args.data, args.data_cache, size=args.data_size, show_progress=show_progress)
+    root = args.cache_root or default_cache_root()
+    return resolve_data(args.data, root, size=args.data_size, show_progress=show_progress)

@@ -20,7 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageCms, ImageFile
+from PIL import Image, ImageFile
 
 SIZE = 32  # every set is N×32×32×3 (fakedet.arrays.IMAGE_SHAPE)
 
@@ -104,6 +104,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
             grey = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
     if mode == "LAB":
+        from PIL import ImageCms  # needs Pillow built with LittleCMS; only LAB TIFFs come here
+
         lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
         return ImageCms.applyTransform(im, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
     if mode in ("P", "PA") and "transparency" in im.info:
@@ -114,7 +116,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, opts: DecodeOptions) -> np.ndarray:
-    """The bytes of one image file as 32×32×3 uint8 RGB, or `Skip(reason)`."""
+    """The bytes of one image file as 32×32×3 uint8 RGB, or `Skip(reason)`.
+
+    Non-square images are resized to 32×32 without cropping (the study downscaled AGIRI so), and EXIF
+    orientation is not applied (a plain Pillow pipeline, such as the reference's, does not either)."""
     if len(data) == 0:
         raise Skip("empty file (0 bytes)")
     # Pillow's global bomb check would refuse a large JPEG at open, before we can ask for draft
@@ -135,18 +140,17 @@ def decode_image(data: bytes, opts: DecodeOptions) -> np.ndarray:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)  # animated GIF/WebP/multi-page TIFF: the first frame
         pixels = w * h
-        if im.format == "JPEG" and (pixels > opts.max_pixels or (opts.jpeg_draft and min(w, h) > 4 * SIZE)):
-            # draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale: memory and time fall by up
-            # to 64×, so a 200 MP photo costs what a 3 MP one does. Pick the least reduction that
-            # fits the budget (or, for jpeg_draft, that keeps at least 4×32 px per side).
-            for scale in (1, 2, 4, 8):
-                tw, th = -(-w // scale), -(-h // scale)
-                if tw * th <= opts.max_pixels and (not opts.jpeg_draft or min(tw, th) <= 4 * SIZE or scale == 8):
-                    break
+        if im.format == "JPEG":
+            # draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale: memory and time fall by up to
+            # 64×, so a 200 MP photo costs what a 3 MP one does. The least reduction that fits the
+            # pixel budget; with jpeg_draft, also the most that keeps at least 4×32 px per side.
+            scale = next((k for k in (1, 2, 4, 8) if -(-w // k) * -(-h // k) <= opts.max_pixels), 8)
+            if opts.jpeg_draft:
+                scale = max(scale, next((k for k in (8, 4, 2, 1) if min(w, h) // k >= 4 * SIZE), 1))
             if scale > 1:
-                im.draft(None, (tw, th))
-            w, h = im.size
-            pixels = w * h
+                im.draft(None, (max(1, w // scale), max(1, h // scale)))  # Pillow picks scale ≤ w // requested
+                w, h = im.size
+                pixels = w * h
         if pixels > opts.max_pixels:
             raise Skip(
                 f"decompression-bomb guard: {w}×{h} = {pixels:,} px exceeds max_pixels {opts.max_pixels:,} "

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fakedet.data import DataError
     from fakedet.sweep.study import StudyError
 
     args = build_parser().parse_args(argv)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         from fakedet.sweep.runner import run_study
 
         return run_study(args.kind, args)
-    except (StudyError, ConnectionError, FileNotFoundError, ValueError) as e:
+    except (StudyError, DataError, ConnectionError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

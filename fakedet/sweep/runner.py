@@ -21,9 +21,10 @@ from typing import Any
 
 import pandas as pd
 
+from fakedet.results import points_from_mlflow
 from fakedet.sweep.study import Study, StudyError
 from fakedet.sweep.tracking import (
-    TAG_CELL, TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, MlflowCellCallback, SweepTracking, check_tracking_uri,
+    TAG_KIND, TAG_SWEEP, MlflowCellCallback, SweepTracking, check_tracking_uri,
     default_tracking_uri, mlflow_ui_command,
 )
 
@@ -40,7 +41,7 @@ def say(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
-        return "?"
+        return "estimating"
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -73,7 +74,8 @@ def make_progress_callback(total_trials: int, every_s: float = 10.0):
             self.last_print = now
             frac = sum(self.fraction.values()) / max(total_trials, 1)
             elapsed = now - self.started
-            eta = elapsed * (1 - frac) / frac if frac > 0 else math.inf
+            # a rate from under 2% of the work is mostly start-up cost: no ETA yet
+            eta = elapsed * (1 - frac) / frac if frac > 0.02 else math.inf
             say(f"[progress] trials {len(self.done)}/{total_trials} done"
                 + (f", {len(self.failed)} failed" if self.failed else "")
                 + f" | {100 * frac:5.1f}% of steps | elapsed {_fmt_duration(elapsed)} | ETA {_fmt_duration(eta)}")
@@ -214,9 +216,12 @@ def _resources(study: Study, args) -> dict[str, float]:
     import ray
 
     cpus = float(args.cpus_per_trial or study.budget.get("cpus_per_trial", 1))
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(study.budget.get("gpus_per_trial", 0.25))
-    return {"cpu": cpus, "gpu": gpus} if has_gpus and gpus > 0 else {"cpu": cpus}
+    if args.gpus_per_trial is not None:
+        # asked for explicitly: honoured even when no GPU is up yet (an autoscaling cluster adds GPU workers)
+        gpus = args.gpus_per_trial
+    else:
+        gpus = float(study.budget.get("gpus_per_trial", 0.25)) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {"cpu": cpus, "gpu": gpus} if gpus > 0 else {"cpu": cpus}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,7 +235,7 @@ def run_study(kind: str, args) -> int:
     from fakedet.provenance import run_record
     from fakedet.sweep.trainable import run_trajectory
 
-    storage = Path(args.storage_path or Path.cwd() / "ray_results").resolve() if "://" not in str(args.storage_path or "") else args.storage_path
+    storage = _storage_root(args.storage_path)
     meta = None
     if args.resume:
         meta, name = _load_sweep_meta(storage, args.resume, kind)
@@ -243,6 +248,13 @@ def run_study(kind: str, args) -> int:
     plan = build_plan(kind, args)
     uri = meta["tracking_uri"] if meta else (args.tracking_uri or default_tracking_uri())
     check_tracking_uri(uri)
+    if meta:
+        from mlflow.tracking import MlflowClient
+
+        if MlflowClient(uri).get_run(meta["parent_run_id"]).info.status == "FINISHED":
+            say(f"sweep {plan.name} has already finished; nothing to resume "
+                f"(to analyse it again: python sweeps/run.py cutoff --sweep {plan.name} --tracking-uri {uri})")
+            return 0
     experiment = meta["experiment"] if meta else (args.experiment or plan.study.name)
     say(f"MLflow tracking: {uri} (experiment {experiment!r})")
     say(f"  view it with: {mlflow_ui_command(uri)}")
@@ -273,12 +285,12 @@ def run_study(kind: str, args) -> int:
         _write_sweep_meta(storage, plan, tracking, args, cache, data_hash, record)
     base = dict(plan.base)
     if args.crash_once_after_step:
-        base["crash_once"] = {"after_step": args.crash_once_after_step, "marker": str(Path(storage) / plan.name / "crash_once.marker")}
+        base["crash_once"] = {"after_step": args.crash_once_after_step, "marker": f"{storage}/{plan.name}/crash_once.marker"}
     trainable = tune.with_resources(tune.with_parameters(run_trajectory, splits=splits, base=base), resources)
 
     logger = MlflowCellCallback(tracking, base, run_params, {"fakedet.study": plan.study.name})
     progress = make_progress_callback(plan.total_trials)
-    path = str(Path(storage) / plan.name)
+    path = f"{storage}/{plan.name}"
     if meta:
         say(f"resuming {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -289,9 +301,9 @@ def run_study(kind: str, args) -> int:
     results = tuner.fit()
 
     errors = [r for r in results if r.error is not None]
-    finished = _finished_trials(results)
-    if finished < plan.total_trials - len(errors):
-        say(f"\nsweep interrupted ({finished}/{plan.total_trials} trials finished). Resume with:\n"
+    ended = _ended_cells(tracking)
+    if ended < plan.cell_count:
+        say(f"\nsweep interrupted ({ended}/{plan.cell_count} cells ended). Resume with:\n"
             f"  python sweeps/run.py {kind} --resume {plan.name}" + (f" --storage-path {args.storage_path}" if args.storage_path else ""))
         return 130
     status = analyse_sweep(tracking, plan.study, kind, plan.base["cell_epochs"], record, cache, data_hash)
@@ -301,12 +313,11 @@ def run_study(kind: str, args) -> int:
     return 1 if errors or status else 0
 
 
-def _finished_trials(results) -> int:
-    count = 0
-    for r in results:
-        if r.error is None and r.metrics and r.metrics.get("done"):
-            count += 1
-    return count
+def _ended_cells(tracking: SweepTracking) -> int:
+    """Cells whose MLflow run has ended (finished, stopped early by the scheduler, or failed for good)."""
+    runs = tracking.client().search_runs([tracking.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracking.parent_run_id}'",
+                                         max_results=50000)
+    return sum(r.info.status in ("FINISHED", "KILLED", "FAILED") for r in runs if r.data.tags.get(TAG_KIND) == "cell")
 
 
 def _tune_config(plan: SweepPlan, args):
@@ -354,9 +365,23 @@ def _run_config(plan: SweepPlan, storage, callbacks):
     )
 
 
-def _write_sweep_meta(storage, plan: SweepPlan, tracking: SweepTracking, args, cache, data_hash, record) -> None:
-    folder = Path(storage) / plan.name
-    folder.mkdir(parents=True, exist_ok=True)
+def _storage_root(storage_path: str | None) -> str:
+    """Ray Tune's storage: an absolute local folder (default ./ray_results) or a URI (s3://, gs://, ...)."""
+    if storage_path and "://" in storage_path:
+        return storage_path.rstrip("/")
+    return str(Path(storage_path or Path.cwd() / "ray_results").resolve())
+
+
+def _storage_fs(storage: str):
+    """(pyarrow filesystem, path in it) for a local folder or a URI, as Ray Tune itself resolves storage."""
+    import pyarrow.fs
+
+    if "://" in storage:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), storage
+
+
+def _write_sweep_meta(storage: str, plan: SweepPlan, tracking: SweepTracking, args, cache, data_hash, record) -> None:
     keep = ("data", "smoke", "study", "srm", "epochs", "lr", "seeds", "eval_at", "objective")
     meta = {
         "kind": plan.kind, "name": plan.name, "tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
@@ -366,22 +391,38 @@ def _write_sweep_meta(storage, plan: SweepPlan, tracking: SweepTracking, args, c
                   "metrics": plan.study.metrics, "cutoff": plan.study.cutoff, "data": plan.study.data},
         "base": plan.base, **record,
     }
-    (folder / SWEEP_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    fs, root = _storage_fs(storage)
+    fs.create_dir(f"{root}/{plan.name}", recursive=True)
+    with fs.open_output_stream(f"{root}/{plan.name}/{SWEEP_FILE}") as f:
+        f.write(json.dumps(meta, indent=1, default=str).encode())
 
 
-def _load_sweep_meta(storage, name: str, kind: str) -> tuple[dict, str]:
-    storage = Path(storage)
+def _load_sweep_meta(storage: str, name: str, kind: str) -> tuple[dict, str]:
+    import pyarrow.fs
+
+    fs, root = _storage_fs(storage)
+
+    def read(path: str) -> dict:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
     if name == "latest":
-        candidates = sorted(storage.glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
-        candidates = [p for p in candidates if json.loads(p.read_text()).get("kind") == kind]
-        if not candidates:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        metas = []
+        for info in infos:
+            path = f"{info.path}/{SWEEP_FILE}"
+            if info.type == pyarrow.fs.FileType.Directory and fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+                meta = read(path)
+                if meta.get("kind") == kind:
+                    metas.append((fs.get_file_info(path).mtime, meta))
+        if not metas:
             raise StudyError(f"--resume: no {kind} sweep found under {storage}")
-        path = candidates[-1]
+        meta = max(metas, key=lambda m: m[0])[1]
     else:
-        path = storage / name / SWEEP_FILE
-        if not path.is_file():
+        path = f"{root}/{name}/{SWEEP_FILE}"
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
             raise StudyError(f"--resume: no sweep {name!r} under {storage} (expected {path})")
-    meta = json.loads(path.read_text())
+        meta = read(path)
     if meta.get("kind") != kind:
         raise StudyError(f"--resume: sweep {meta.get('name')!r} is a {meta.get('kind')} sweep, not {kind}")
     return meta, meta["name"]
@@ -390,41 +431,6 @@ def _load_sweep_meta(storage, name: str, kind: str) -> tuple[dict, str]:
 # ---------------------------------------------------------------------------------------------------
 # analysis, logged to the parent run
 # ---------------------------------------------------------------------------------------------------
-def points_from_mlflow(tracking: SweepTracking) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(points, cells): every evaluation point of every trajectory, and every cell's final values.
-
-    A trajectory's points are the metric history of its longest cell's run.
-    """
-    client = tracking.client()
-    runs = client.search_runs([tracking.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{tracking.parent_run_id}'",
-                              max_results=50000)
-    cells, by_trajectory = [], {}
-    for run in runs:
-        if run.data.tags.get(TAG_KIND) != "cell":
-            continue
-        p = run.data.params
-        row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-               "trajectory": run.data.tags.get(TAG_TRIAL), "srm": p.get("srm"), "lr": float(p.get("lr", "nan")),
-               "seed": int(p.get("seed", -1)), "cell_epochs": float(p.get("epochs", "nan")),
-               "momentum": float(p.get("momentum", "nan")), "batch_size": int(p.get("batch_size", -1)), **run.data.metrics}
-        cells.append(row)
-        best = by_trajectory.get(row["trajectory"])
-        if best is None or row["cell_epochs"] > best[1]["cell_epochs"]:
-            by_trajectory[row["trajectory"]] = (run, row)
-    frames = []
-    for trajectory, (run, row) in by_trajectory.items():
-        series = {}
-        for key in run.data.metrics:
-            for m in client.get_metric_history(run.info.run_id, key):
-                series.setdefault(m.step, {})[key] = m.value
-        frame = pd.DataFrame.from_dict(series, orient="index").rename_axis("step").reset_index().sort_values("step")
-        for k in ("trajectory", "srm", "lr", "seed", "momentum", "batch_size"):
-            frame[k] = row[k]
-        frames.append(frame)
-    points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return points, pd.DataFrame(cells)
-
-
 def analyse_sweep(tracking: SweepTracking, study: Study, kind: str, cell_epochs, record, cache, data_hash) -> int:
     """Summary table, correlations and cutoffs: printed, and logged to the sweep's parent run."""
     from mlflow.entities import Metric
@@ -432,7 +438,7 @@ def analyse_sweep(tracking: SweepTracking, study: Study, kind: str, cell_epochs,
     from fakedet.sweep import analysis
 
     client = tracking.client()
-    points, cells = points_from_mlflow(tracking)
+    points, cells = points_from_mlflow(tracking.client(), tracking.experiment_id, tracking.parent_run_id)
     if points.empty:
         say("no evaluation points were logged; nothing to analyse")
         return 1
@@ -493,7 +499,10 @@ def analyse_sweep(tracking: SweepTracking, study: Study, kind: str, cell_epochs,
         plt.close(fig)
         client.log_artifacts(tracking.parent_run_id, str(d), artifact_path="analysis")
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+    # a re-analysis (`cutoff`, or a resumed finished sweep) adds only values that changed: no duplicate points
+    logged = client.get_run(tracking.parent_run_id).data.metrics
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+             if v is not None and math.isfinite(v) and not (k in logged and math.isclose(logged[k], v, rel_tol=0, abs_tol=1e-12))]
     for i in range(0, len(items), 500):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(tracking.parent_run_id, metrics=items[i:i + 500])
     return 0
@@ -522,6 +531,6 @@ def run_cutoff(args) -> int:
     tracking = SweepTracking(uri, parent.info.experiment_id, parent.info.run_id, parent.data.tags.get(TAG_SWEEP, args.sweep))
     kind = parent.data.params.get("kind", "ablation")
     study = Study.load(parent.data.params.get("study") or args.study or kind)
-    points, cells = points_from_mlflow(tracking)
+    points, cells = points_from_mlflow(tracking.client(), tracking.experiment_id, tracking.parent_run_id)
     epochs = sorted(cells["cell_epochs"].unique()) if len(cells) else []
     return analyse_sweep(tracking, study, kind, epochs, run_record(), "", parent.data.params.get("data_hash", ""))

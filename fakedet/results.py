@@ -1,0 +1,175 @@
+"""A sweep's results, read back from MLflow into pandas: for the analysis, notebooks and plots."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fakedet.sweep.tracking import TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TRIAL
+
+
+def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(points, cells): every evaluation point of every trajectory, and every cell's final values.
+
+    A trajectory's points are the metric history of its longest cell's run.
+    """
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
+                              max_results=50000)
+    cells, by_trajectory = [], {}
+    for run in runs:
+        if run.data.tags.get(TAG_KIND) != "cell":
+            continue
+        p = run.data.params
+        row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+               "trajectory": run.data.tags.get(TAG_TRIAL), "srm": p.get("srm"), "lr": float(p.get("lr", "nan")),
+               "seed": int(p.get("seed", -1)), "cell_epochs": float(p.get("epochs", "nan")),
+               "momentum": float(p.get("momentum", "nan")), "batch_size": int(p.get("batch_size", -1)), **run.data.metrics}
+        cells.append(row)
+        best = by_trajectory.get(row["trajectory"])
+        if best is None or row["cell_epochs"] > best[1]["cell_epochs"]:
+            by_trajectory[row["trajectory"]] = (run, row)
+    frames = []
+    for trajectory, (run, row) in by_trajectory.items():
+        series = {}
+        for key in run.data.metrics:
+            for m in client.get_metric_history(run.info.run_id, key):
+                series.setdefault(m.step, {})[key] = m.value
+        frame = pd.DataFrame.from_dict(series, orient="index").rename_axis("step").reset_index().sort_values("step")
+        for k in ("trajectory", "srm", "lr", "seed", "momentum", "batch_size"):
+            frame[k] = row[k]
+        frames.append(frame)
+    points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return points, pd.DataFrame(cells)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a whole sweep, for notebooks and figures
+# ---------------------------------------------------------------------------------------------------
+class SweepNotFoundError(LookupError):
+    """No sweep of that name (or no sweep at all) in the tracking store."""
+
+
+@dataclass
+class SweepResults:
+    """One sweep read back from MLflow: its parent run, its cells (one row per child run, final values)
+    and its evaluation points (one row per trajectory and point). Built by `load_sweep`; the sweep
+    runner builds one from the frames it already holds."""
+
+    parent: Any  # mlflow.entities.Run of the sweep's parent run
+    cells: pd.DataFrame
+    points: pd.DataFrame
+    client: Any  # mlflow.tracking.MlflowClient
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.parent.data.tags.get(TAG_SWEEP, self.parent.info.run_name)
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.parent.info.run_id
+
+    @property
+    def kind(self) -> str:
+        return self.parent.data.params.get("kind", "ablation")
+
+    def finished_cells(self) -> pd.DataFrame:
+        """Cells whose run reached its epoch count (FINISHED), ordered as the runner's summary table."""
+        if self.cells.empty:
+            return self.cells
+        done = self.cells[self.cells["status"] == "FINISHED"]
+        return done.sort_values(["srm", "lr", "seed", "cell_epochs"], kind="stable").reset_index(drop=True)
+
+    def artifact_table(self, run_id: str, name: str, **read_csv: Any) -> pd.DataFrame:
+        """A CSV artifact of a run (e.g. a cell's `cifake_test_thresholds.csv`, the parent's
+        `analysis/cutoff_summary.csv`) as a DataFrame; keyword arguments go to `pandas.read_csv`.
+
+        Each file is downloaded once per `SweepResults` (to a temporary folder, removed at once)."""
+        key = (run_id, name, tuple(sorted((k, repr(v)) for k, v in read_csv.items())))
+        if key not in self._tables:
+            with tempfile.TemporaryDirectory(prefix="fakedet-artifact-") as d, _no_progress_bar():
+                try:
+                    path = self.client.download_artifacts(run_id, name, d)
+                except Exception as e:
+                    available = [a.path for a in self.client.list_artifacts(run_id, str(Path(name).parent) if "/" in name else None)]
+                    raise FileNotFoundError(f"run {run_id} has no artifact {name!r} (there: {', '.join(available) or 'none'})") from e
+                self._tables[key] = pd.read_csv(path, **read_csv)
+        return self._tables[key].copy()
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a progress bar per download: noise in a notebook that reads dozens of small tables."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        # MLflow would silently create an empty database at a mistyped path
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise FileNotFoundError(f"no MLflow database at {path.resolve()} (tracking URI {tracking_uri})")
+    return MlflowClient(tracking_uri)
+
+
+def _sweep_runs(client) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    return client.search_runs(experiments, filter_string=f"tags.`{TAG_KIND}` = 'sweep'", max_results=50000,
+                              order_by=["attributes.start_time DESC"])
+
+
+def list_sweeps(tracking_uri: str) -> pd.DataFrame:
+    """Every sweep in the store, most recent first: name, kind, parent run id, experiment id, status,
+    start time and number of cells (child runs)."""
+    client = _client(tracking_uri)
+    parents = _sweep_runs(client)
+    counts: dict[str, int] = {}
+    if parents:
+        cells = client.search_runs(sorted({p.info.experiment_id for p in parents}), filter_string=f"tags.`{TAG_KIND}` = 'cell'",
+                                   max_results=50000)
+        for run in cells:
+            parent = run.data.tags.get(TAG_PARENT)
+            counts[parent] = counts.get(parent, 0) + 1
+    rows = [{"name": p.data.tags.get(TAG_SWEEP, p.info.run_name), "kind": p.data.params.get("kind"),
+             "parent_run_id": p.info.run_id, "experiment_id": p.info.experiment_id, "status": p.info.status,
+             "start_time": pd.to_datetime(p.info.start_time, unit="ms"), "cells": counts.get(p.info.run_id, 0)}
+            for p in parents]
+    return pd.DataFrame(rows, columns=["name", "kind", "parent_run_id", "experiment_id", "status", "start_time", "cells"])
+
+
+def load_sweep(tracking_uri: str, sweep: str | None = None) -> SweepResults:
+    """A sweep's parent run, cells and points. `sweep`: its name (the most recent of that name) or its
+    parent run id; None: the most recent sweep in the store."""
+    client = _client(tracking_uri)
+    parents = _sweep_runs(client)
+    if not parents:
+        raise SweepNotFoundError(f"no sweeps in {tracking_uri}")
+    if sweep is None:
+        parent = parents[0]
+    else:
+        matches = [p for p in parents if p.data.tags.get(TAG_SWEEP) == sweep or p.info.run_id == sweep]
+        if not matches:
+            names = ", ".join(dict.fromkeys(p.data.tags.get(TAG_SWEEP, p.info.run_name) for p in parents))
+            raise SweepNotFoundError(f"no sweep named {sweep!r} in {tracking_uri}; the sweeps there (most recent first): {names}")
+        parent = matches[0]
+    points, cells = points_from_mlflow(client, parent.info.experiment_id, parent.info.run_id)
+    return SweepResults(parent=parent, cells=cells, points=points, client=client)
