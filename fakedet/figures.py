@@ -76,11 +76,11 @@ def table2(results: SweepResults) -> pd.DataFrame:
     table = labelled_table(results, "cifake_test")
     cells = results.finished_cells()
     first = {}
-    if not results.points.empty and "train/loss" in results.points:
+    if "train/loss" in results.points:
         for trajectory, group in results.points.groupby("trajectory", sort=False):
             first[trajectory] = float(group.sort_values("step")["train/loss"].iloc[0])
     at = table.columns.get_loc("run_id")
-    table.insert(at, "train_loss_first", cells["trajectory"].map(first).astype(float).to_numpy() if len(cells) else [])
+    table.insert(at, "train_loss_first", cells["trajectory"].map(first).astype(float).to_numpy())
     table.insert(at + 1, "train_loss_last", cells.get("train/loss", pd.Series(math.nan, index=cells.index)).astype(float).to_numpy())
     return table
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from fakedet.sweep.tracking import TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TRIAL
+from fakedet.sweep.tags import TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TRIAL
 
 
 def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -81,8 +81,8 @@ class SweepResults:
 
     def finished_cells(self) -> pd.DataFrame:
         """Cells whose run reached its epoch count (FINISHED), ordered as the runner's summary table."""
-        if self.cells.empty:
-            return self.cells
+        if "status" not in self.cells:  # no cell runs at all
+            return pd.DataFrame(columns=["run_id", "run_name", "status", "trajectory", "srm", "lr", "seed", "cell_epochs"])
         done = self.cells[self.cells["status"] == "FINISHED"]
         return done.sort_values(["srm", "lr", "seed", "cell_epochs"], kind="stable").reset_index(drop=True)
 

@@ -8,22 +8,13 @@ import sys
 from pathlib import Path
 
 from fakedet.config import PRESETS, SHUFFLE_MODES, TrainConfig, default_cache_root
+from fakedet.data.cli import add_data_arguments
 from fakedet.models import ARCHITECTURES, PLACEMENTS
 
 # The evaluation sets of the study (CIFAKE test, CIFAR-100 test, AGIRI test) plus the two validation
 # splits a cutoff may be chosen on.
 EVAL_SETS = ("cifake_val", "cifake_test", "cifar100_test", "agiri_val", "agiri_test")
 SUMMARY_METRICS = ("acc", "f1", "auc", "precision_real", "recall_real", "precision_fake", "recall_fake", "real_recall", "loss")
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        default="synthetic",
-        help="synthetic (the built-in stand-in), kaggle (download with kagglehub), or PATH: a prepared cache "
-        "or a folder holding cifake/, agiri/ and cifar100/ (default: synthetic)",
-    )
-    parser.add_argument("--cache-root", default=None, help=f"where prepared data are cached (default: {default_cache_root()})")
 
 
 def parse_points(text: str) -> tuple[float, ...]:
@@ -37,7 +28,7 @@ def parse_points(text: str) -> tuple[float, ...]:
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model on prepared data and save a checkpoint",
                        description="Train one model with the study's protocol (every option's default is the study's).")
-    add_data_arguments(p)
+    add_data_arguments(p)  # --data, --data-size, --cache-root
     p.add_argument("--preset", choices=sorted(PRESETS), help="the study's models: base (10 epochs), srm (SRM at pool1, 10 epochs), mini (1 epoch)")
     p.add_argument("--arch", choices=sorted(ARCHITECTURES))
     p.add_argument("--srm", choices=list(PLACEMENTS), help="SRM placement")
@@ -84,7 +75,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"fakedet train: {e}", file=sys.stderr)
         return 2
     try:
-        cache = resolve_data(args.data, args.cache_root or default_cache_root(), size="tiny" if args.smoke else "default")
+        cache = resolve_data(args.data, args.cache_root or default_cache_root(), size="tiny" if args.smoke else args.data_size)
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"fakedet train: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from fakedet.results import points_from_mlflow
+from fakedet.figures import log_figures
+from fakedet.results import SweepResults, points_from_mlflow
 from fakedet.sweep.study import Study, StudyError
 from fakedet.sweep.tracking import (
     TAG_KIND, TAG_SWEEP, MlflowCellCallback, SweepTracking, check_tracking_uri,
@@ -498,6 +499,8 @@ def analyse_sweep(tracking: SweepTracking, study: Study, kind: str, cell_epochs,
         fig.savefig(d / "cutoff_curves.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         client.log_artifacts(tracking.parent_run_id, str(d), artifact_path="analysis")
+    # the study's tables and figures, so the MLflow UI shows them without a notebook
+    log_figures(SweepResults(client.get_run(tracking.parent_run_id), cells, points, client), client, tracking.parent_run_id)
     now = int(time.time() * 1000)
     # a re-analysis (`cutoff`, or a resumed finished sweep) adds only values that changed: no duplicate points
     logged = client.get_run(tracking.parent_run_id).data.metrics

@@ -21,11 +21,7 @@ from ray.tune import Callback
 
 from fakedet.config import TrainConfig
 
-TAG_SWEEP = "fakedet.sweep"
-TAG_KIND = "fakedet.kind"  # "sweep" (parent) or "cell"
-TAG_CELL = "fakedet.cell_key"
-TAG_TRIAL = "fakedet.trial"
-TAG_PARENT = "mlflow.parentRunId"
+from fakedet.sweep.tags import TAG_CELL, TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TRIAL  # noqa: F401 (re-exported)
 
 # What the run table, compare view and parallel-coordinates chart show: the same names on every cell,
 # nothing that is constant or a raw count (counts are in the confusion-matrix artifacts).
