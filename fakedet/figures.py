@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
 
+from fakedet.metrics import THRESHOLD_CURVES
 from fakedet.results import SweepResults
 
 CELL_COLUMNS = ("srm", "epochs", "lr", "seed")
@@ -27,15 +28,6 @@ CELL_COLUMNS = ("srm", "epochs", "lr", "seed")
 LABELLED_COLUMNS = ("acc", "f1", "precision_real", "recall_real", "precision_fake", "recall_fake",
                     "precision_macro", "recall_macro", "f1_macro", "auc", "loss")
 FIGURE4_METRICS = ("cifake_val/acc", "cifake_val/loss", "train/loss")
-# Figure 5's curves, as fakedet.metrics.plot_threshold_curves draws them: (label, line style, colour)
-THRESHOLD_CURVES = {
-    "acc": ("accuracy", "-", "black"),
-    "f1_macro": ("F1 (macro)", "-", "tab:purple"),
-    "precision_real": ("precision REAL", "-", "tab:blue"),
-    "recall_real": ("recall REAL", "--", "tab:blue"),
-    "precision_fake": ("precision FAKE", "-", "tab:red"),
-    "recall_fake": ("recall FAKE", "--", "tab:red"),
-}
 # The cutoff view's metrics when the sweep's study file cannot be read: ablation.toml's [cutoff]
 DEFAULT_CUTOFF_METRICS = ("agiri_test/auc", "agiri_val/auc", "cifake_test/acc", "cifake_val/loss")
 

@@ -253,21 +253,24 @@ def confusion(labels: np.ndarray, p_real: np.ndarray, threshold: float = 0.5) ->
     return pd.DataFrame(counts, index=pd.Index(names, name="gold"), columns=pd.Index(names, name="predicted"))
 
 
+# The study's figure 5 curves: column of `threshold_table` → (label, line style, colour)
+THRESHOLD_CURVES = {
+    "acc": ("accuracy", "-", "black"),
+    "f1_macro": ("F1 (macro)", "-", "tab:purple"),
+    "precision_real": ("precision REAL", "-", "tab:blue"),
+    "recall_real": ("recall REAL", "--", "tab:blue"),
+    "precision_fake": ("precision FAKE", "-", "tab:red"),
+    "recall_fake": ("recall FAKE", "--", "tab:red"),
+}
+
+
 def plot_threshold_curves(table: pd.DataFrame, title: str = ""):
     """Figure 5: metrics against the decision threshold. Returns a matplotlib Figure (no display needed)."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    styles = {
-        "acc": ("accuracy", "-", "black"),
-        "f1_macro": ("F1 (macro)", "-", "tab:purple"),
-        "precision_real": ("precision REAL", "-", "tab:blue"),
-        "recall_real": ("recall REAL", "--", "tab:blue"),
-        "precision_fake": ("precision FAKE", "-", "tab:red"),
-        "recall_fake": ("recall FAKE", "--", "tab:red"),
-    }
-    for column, (label, line, colour) in styles.items():
+    for column, (label, line, colour) in THRESHOLD_CURVES.items():
         ax.plot(table.threshold, table[column], line, color=colour, label=label, linewidth=1.4)
     ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.set(xlabel="decision threshold (REAL iff p ≥ t)", ylabel="score", xlim=(0, 1), ylim=(0, 1.01), title=title)

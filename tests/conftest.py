@@ -20,6 +20,16 @@ def toy_set(n: int, seed: int = 0, name: str = "toy", real_only: bool = False) -
     return ImageSet(images, labels, name=name)
 
 
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """The tiny stand-in, generated and prepared once per test session."""
+    from fakedet.data import resolve_data
+
+    root = tmp_path_factory.getbasetemp() / "fakedet-data-tiny"
+    resolve_data("synthetic", root, size="tiny", show_progress=False)
+    return root
+
+
 @pytest.fixture
 def toy():
     return toy_set

@@ -31,13 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "fakedet-data-tiny"
-    resolve_data("synthetic", root, size="tiny", show_progress=False)
-    return root
-
-
-@pytest.fixture(scope="session")
 def tiny_cache(tiny_root) -> Path:
     return tiny_root / "synthetic-tiny" / "cache"
 

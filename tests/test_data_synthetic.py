@@ -16,17 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fakedet.data import load_splits, make_synthetic, resolve_data
+from fakedet.data import load_splits, make_synthetic
 from fakedet.data.synthetic import SIZES, cifake_name
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "fakedet-data-tiny"
-    resolve_data("synthetic", root, size="tiny", show_progress=False)
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from fakedet.figures import log_figures
 from fakedet.results import SweepResults, points_from_mlflow
