@@ -5,3 +5,4 @@ TAG_KIND = "fakedet.kind"  # "sweep" (parent) or "cell"
 TAG_CELL = "fakedet.cell_key"
 TAG_TRIAL = "fakedet.trial"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_NODE = "fakedet.node_id"  # the Ray node that reported a cell run's latest point (nodes of one host share an IP)

@@ -21,7 +21,7 @@ from ray.tune import Callback
 
 from fakedet.config import TrainConfig
 
-from fakedet.sweep.tags import TAG_CELL, TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TRIAL  # noqa: F401 (re-exported)
+from fakedet.sweep.tags import TAG_CELL, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_SWEEP, TAG_TRIAL  # noqa: F401 (re-exported)
 
 # What the run table, compare view and parallel-coordinates chart show: the same names on every cell,
 # nothing that is constant or a raw count (counts are in the confusion-matrix artifacts).
@@ -139,6 +139,7 @@ class _CellRun:
     epochs: float
     last_step: int
     finished: bool
+    node_id: str | None = None
 
 
 class MlflowCellCallback(Callback):
@@ -200,17 +201,19 @@ class MlflowCellCallback(Callback):
         self.cell_runs(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         epoch, step = float(result["epoch"]), int(result["step"])
+        node_id = result.get("node_id")
         timestamp = int(time.time() * 1000)
         metrics = [Metric(k, float(v), timestamp, step) for k, v in result.items()
                    if is_logged_metric(k) and isinstance(v, (int, float))]
         for run in self.cell_runs(trial):
             if run.finished or epoch > run.epochs + 1e-9 or step <= run.last_step:
                 continue
-            self.client.log_batch(run.run_id, metrics=metrics)
-            run.last_step = step
+            tags = [RunTag(TAG_NODE, node_id)] if node_id and node_id != run.node_id else []
+            self.client.log_batch(run.run_id, metrics=metrics, tags=tags)
+            run.last_step, run.node_id = step, node_id or run.node_id
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         from fakedet.sweep.trainable import CELL_ARTIFACTS

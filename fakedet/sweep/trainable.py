@@ -38,10 +38,13 @@ def cell_epochs(base: dict[str, Any]) -> list[float]:
 
 def run_trajectory(config: dict[str, Any], splits: dict[str, ImageSet], base: dict[str, Any]) -> None:
     """Ray Tune function trainable. `splits` and `base` arrive through `tune.with_parameters` (object store)."""
+    import ray
     from ray import tune
 
     from fakedet.train import BatchSchedule, total_steps, train
 
+    # the Ray node this trial runs on: nodes of one host share an IP, not an id
+    node_id = ray.get_runtime_context().get_node_id()
     cfg = trajectory_config(config, base)
     cells = cell_epochs(base)
     resume = None
@@ -62,7 +65,7 @@ def run_trajectory(config: dict[str, Any], splits: dict[str, ImageSet], base: di
             for epochs in done:
                 write_cell_artifacts(Path(d) / CELL_ARTIFACTS / f"{epochs:g}", record, eval_sets, state["model"], cfg, epochs)
             result = {**record.flat(), "epoch": record.epoch, "step": record.step, "total_steps": total,
-                      "cells_done": [float(e) for e in done]}
+                      "cells_done": [float(e) for e in done], "node_id": node_id}
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
         crash.maybe(record.step)
 

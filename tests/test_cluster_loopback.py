@@ -1,0 +1,34 @@
+"""The cluster path on one machine, with the real parts: PostgreSQL, `mlflow server` on it, a Ray head
+and a second Ray node (`ray start`, token auth), all on 127.0.0.1; the smoke ablation joined to them.
+
+The same code as `python cluster/loopback.py`; cluster/loopback.py says how each part is started, how
+its processes are found and stopped, and what is checked. Skipped where PostgreSQL's server programs
+or psycopg2 are missing; CI installs both.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+from loopback import HOST, LoopbackCluster, alive, loopback_check, missing_requirements
+
+MISSING = missing_requirements()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"loopback cluster: {MISSING}")]
+
+
+def test_smoke_ablation_on_a_two_node_loopback_cluster(workspace):
+    cluster = LoopbackCluster()
+    with cluster:  # leaving it stops everything by pid, and raises if any process is left
+        assert cluster.tracking_uri.startswith(f"http://{HOST}:") and cluster.ray_address.startswith(f"{HOST}:")
+        assert len(set(cluster.node_ids.values())) == 2, cluster.node_ids
+        report = loopback_check(cluster, "loopback1", workspace["cache"], sweep_timeout=600)
+    started = cluster.all_procs()
+    assert {"postgres", "mlflow", "ray-head", "ray-worker", "sweep-loopback1", "client-wrong-token"} <= {
+        s.name for s in cluster.services}
+    assert len(started) > 10, started  # postgres', mlflow's, both Ray nodes' (and their workers'), the sweep's
+    assert not [p for p in started if alive(p)]
+    assert not report.failures, "\n".join(report.failures)
