@@ -9,6 +9,7 @@ Nothing here trains or re-scores a model: every number is a logged metric or a l
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import warnings
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg and touch
 
 from fakedet.metrics import THRESHOLD_CURVES
 from fakedet.results import SweepResults
+from fakedet.sweep.study import Cutoff
 
 CELL_COLUMNS = ("srm", "epochs", "lr", "seed")
 # Table 2's and 4's columns: the study's Acc., F1, per-class precision/recall and their mean (its "ø"
@@ -28,8 +30,6 @@ CELL_COLUMNS = ("srm", "epochs", "lr", "seed")
 LABELLED_COLUMNS = ("acc", "f1", "precision_real", "recall_real", "precision_fake", "recall_fake",
                     "precision_macro", "recall_macro", "f1_macro", "auc", "loss")
 FIGURE4_METRICS = ("cifake_val/acc", "cifake_val/loss", "train/loss")
-# The cutoff view's metrics when the sweep's study file cannot be read: ablation.toml's [cutoff]
-DEFAULT_CUTOFF_METRICS = ("agiri_test/auc", "agiri_val/auc", "cifake_test/acc", "cifake_val/loss")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,13 +138,13 @@ def _analysis_artifact(results: SweepResults, name: str) -> pd.DataFrame:
 # figures
 # ---------------------------------------------------------------------------------------------------
 def _trajectory_labels(points: pd.DataFrame) -> dict[str, str]:
-    """A readable label per trajectory from the settings that vary between them."""
-    columns = [c for c in ("srm", "lr", "seed", "momentum", "batch_size") if c in points]
-    varying = [c for c in columns if points[c].nunique(dropna=True) > 1] or columns[:1]
+    """Each trajectory's name in legends: `pool1 lr=0.001 seed=11`, plus momentum and batch size where they vary."""
+    extra = [(c, short) for c, short in (("momentum", "m"), ("batch_size", "bs")) if c in points and points[c].nunique(dropna=True) > 1]
     labels = {}
     for trajectory, group in points.groupby("trajectory", sort=False):
         row = group.iloc[0]
-        labels[trajectory] = " ".join(f"{c}={row[c]:g}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in varying)
+        label = f"{row['srm']} lr={float(row['lr']):g} seed={int(row['seed'])}"
+        labels[trajectory] = label + "".join(f" {short}={row[c]:g}" for c, short in extra)
     return labels
 
 
@@ -231,46 +231,60 @@ def figure5(results: SweepResults, dataset: str = "cifake_test", cells: pd.DataF
     return fig
 
 
-def _detached(fig):
-    """Take a pyplot-made figure out of pyplot's registry: it still renders and saves, is freed with its
-    last reference, and is not shown a second time by a notebook's inline backend."""
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return fig
-
-
-def transfer_scatter(results: SweepResults, x: str = "cifake_test/acc", y: str = "agiri_test/auc"):
-    """Transfer (`y`) against intrinsic (`x`) performance, one marker per finished cell."""
-    from fakedet.sweep.analysis import scatter_plot
-
+def transfer_scatter(results: SweepResults, x: str = "cifake_test/acc", y: str = "agiri_test/auc") -> Figure:
+    """Transfer (`y`) against intrinsic (`x`) performance, one marker per finished cell (colour: placement,
+    size: epochs); the cells of one trajectory are joined by a faint line, as they are one model read
+    at several lengths, not independent models."""
     cells = results.finished_cells()
     for name in (x, y):
         if name not in cells:
             raise KeyError(f"the sweep's cells have no metric {name!r}")
-    return _detached(scatter_plot(cells, x, y, f"{y} vs {x} ({len(cells)} cells)"))
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for srm, group in cells.groupby("srm", sort=False):
+        sizes = 20 + 12 * np.log10(group["cell_epochs"].astype(float).clip(lower=0.01) * 10)
+        dots = ax.scatter(group[x], group[y], s=sizes, label=f"srm={srm}", alpha=0.8)
+        for _, traj in group.groupby("trajectory", sort=False):
+            traj = traj.sort_values("cell_epochs")
+            ax.plot(traj[x], traj[y], color=dots.get_facecolor()[0], alpha=0.25, linewidth=0.8)
+    n_traj = cells["trajectory"].nunique()
+    ax.set(xlabel=x, ylabel=y, title=f"{y} vs {x}: {len(cells)} cells of {n_traj} trajectories")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def cutoff_metrics(results: SweepResults) -> list[str]:
-    """The metrics the sweep's analysis plots against training length, from its study file's [cutoff]."""
-    try:
-        from fakedet.sweep.study import Study
-
-        cut = Study.load(results.parent.data.params["study"]).cutoff
-        return [list(cut.get("report", DEFAULT_CUTOFF_METRICS[:1]))[0], cut.get("select_on", DEFAULT_CUTOFF_METRICS[1]),
-                *DEFAULT_CUTOFF_METRICS[2:]]
-    except Exception:  # the study file moved or the parent predates the param: the ablation's defaults
-        return list(DEFAULT_CUTOFF_METRICS)
+    """The metrics the cutoff view plots: the first reported metric and the selection metric the sweep
+    recorded (parent-run params `cutoff_report`, `cutoff_select_on`), then CIFAKE test accuracy and
+    validation loss."""
+    params = results.parent.data.params
+    defaults = Cutoff()
+    report = json.loads(params["cutoff_report"]) if "cutoff_report" in params else defaults.report
+    return [report[0], params.get("cutoff_select_on", defaults.select_on), "cifake_test/acc", defaults.intrinsic_loss]
 
 
-def cutoff_curves(results: SweepResults, metrics: Sequence[str] | None = None):
-    """Transfer and intrinsic metrics against training length (log scale), one line per trajectory."""
-    from fakedet.sweep.analysis import cutoff_plot
-
-    metrics = [m for m in (metrics or cutoff_metrics(results)) if m in results.points]
+def cutoff_curves(results: SweepResults, metrics: Sequence[str] | None = None) -> Figure:
+    """Transfer and intrinsic metrics against training length (log scale), one line per trajectory,
+    named `srm lr seed`."""
+    points = results.points
+    metrics = [m for m in (metrics or cutoff_metrics(results)) if m in points]
     if not metrics:
         raise KeyError("none of the cutoff metrics were logged at the sweep's evaluation points")
-    return _detached(cutoff_plot(results.points, metrics, f"{results.name}: metrics against training length"))
+    labels = _trajectory_labels(points)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for trajectory, group in points.groupby("trajectory", sort=False):
+            group = group.sort_values("step")
+            ax.plot(group["epoch"], group[metric], marker=".", label=labels[trajectory], alpha=0.8)
+        ax.set_xscale("log")
+        ax.set(xlabel="epoch", title=metric)
+        ax.grid(alpha=0.3)
+    if len(labels) <= 16:
+        axes[-1].legend(fontsize=6, loc="best")
+    fig.suptitle(f"{results.name}: metrics against training length")
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ from typing import Any
 
 import pandas as pd
 
-from fakedet.sweep.tags import TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TRIAL
+from fakedet.sweep.tags import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRAJECTORY, TAG_TRIAL
 
 
 def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(points, cells): every evaluation point of every trajectory, and every cell's final values.
 
-    A trajectory's points are the metric history of its longest cell's run.
+    A trajectory's points are the metric history of its longest cell's run; `trajectory` names it
+    `srm lr seed` (its cells' `fakedet.trajectory` tag).
     """
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
                               max_results=50000)
@@ -26,8 +27,10 @@ def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[
         if run.data.tags.get(TAG_KIND) != "cell":
             continue
         p = run.data.params
+        tags = run.data.tags
         row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-               "trajectory": run.data.tags.get(TAG_TRIAL), "srm": p.get("srm"), "lr": float(p.get("lr", "nan")),
+               # the trajectory's label (older sweeps: its Ray trial id)
+               "trajectory": tags.get(TAG_TRAJECTORY) or tags.get(TAG_TRIAL), "diverged": tags.get(TAG_STATUS) == "diverged", "srm": p.get("srm"), "lr": float(p.get("lr", "nan")),
                "seed": int(p.get("seed", -1)), "cell_epochs": float(p.get("epochs", "nan")),
                "momentum": float(p.get("momentum", "nan")), "batch_size": int(p.get("batch_size", -1)), **run.data.metrics}
         cells.append(row)

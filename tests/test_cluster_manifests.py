@@ -233,7 +233,7 @@ def unquoted_shell_syntax(entrypoint: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def sweep_parser():
-    from fakedet.sweep.cli import build_parser
+    from fakedet.sweep_cli import build_parser
 
     return build_parser()
 

@@ -14,13 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sweep_runs
+pytestmark = pytest.mark.slow  # reads the shared smoke sweep (about two minutes to make)
+
 
 SMOKE_GRID = {("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
 
 
 def store(ws) -> str:
-    return f"sqlite:///{ws['root'] / 'mlflow.db'}"
+    return ws.tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def smoke(workspace, smoke_sweep):
     """(SweepResults, client, parent run, child runs by run id) of the shared smoke sweep."""
     from fakedet.results import load_sweep
 
-    c, parent, children = sweep_runs(workspace, "smoke1")
+    c, parent, children = workspace.runs("smoke1")
     return load_sweep(store(workspace), "smoke1"), c, parent, {r.info.run_id: r for r in children}
 
 
@@ -217,13 +218,15 @@ def test_transfer_scatter_has_one_marker_per_cell(smoke):
     from fakedet import figures
 
     results, c, parent, children = smoke
+    before = plt.get_fignums()
     fig = figures.transfer_scatter(results)
-    assert fig.number not in plt.get_fignums()  # detached from pyplot: no double display, no leak
+    assert fig.canvas.manager is None and plt.get_fignums() == before  # a bare Figure: no double display, no leak
     ax = fig.get_axes()[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("cifake_test/acc", "agiri_test/auc")
+    assert "4 cells of 2 trajectories" in ax.get_title()
     shown = sorted(tuple(p) for coll in ax.collections for p in np.asarray(coll.get_offsets(), float))
     expected = sorted((r.data.metrics["cifake_test/acc"], r.data.metrics["agiri_test/auc"]) for r in children.values())
-    assert shown == pytest.approx(expected)
+    np.testing.assert_allclose(np.array(shown), np.array(expected))
     with pytest.raises(KeyError, match="no_such/metric"):
         figures.transfer_scatter(results, y="no_such/metric")
 
@@ -235,6 +238,8 @@ def test_cutoff_curves_and_analysis_tables(smoke):
     results, c, parent, children = smoke
     fig = figures.cutoff_curves(results)
     assert [ax.get_title() for ax in fig.get_axes()] == figures.cutoff_metrics(results)
+    # legends name trajectories as people do, not by Ray trial ids
+    assert sorted(t.get_text() for t in fig.get_axes()[-1].get_legend().get_texts()) == ["none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"]
     assert figures.cutoff_metrics(results) == ["agiri_test/auc", "agiri_val/auc", "cifake_test/acc", "cifake_val/loss"]
     corr = figures.correlation_table(results)
     assert set(corr["method"]) == {"pearson", "spearman", "kendall"} and (corr["n"] == 4).all()

@@ -13,8 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import REPO
-
+REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
@@ -70,7 +69,7 @@ def executed(workspace, smoke_sweep, tmp_path_factory):
     def run(path: Path):
         if path not in done:
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("FAKEDET_TRACKING_URI", f"sqlite:///{workspace['root'] / 'mlflow.db'}")
+                mp.setenv("FAKEDET_TRACKING_URI", workspace.tracking_uri)
                 # the shared store also holds the other tests' sweeps: name the one to show
                 mp.setenv("FAKEDET_SWEEP", "smoke1")
                 done[path] = execute(path, tmp_path_factory.mktemp("notebook"))

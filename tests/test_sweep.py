@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import tempfile
 import sqlite3
 import subprocess
 import time
 
 import pytest
+from mlflow.tracking import MlflowClient
 
-from conftest import RUN, run, sweep_args, sweep_runs
 
 
 def assert_no_duplicate_points(c, runs):
@@ -19,19 +21,27 @@ def assert_no_duplicate_points(c, runs):
             assert len(steps) == len(set(steps)), f"{r.info.run_name}: duplicate steps in {key}: {sorted(steps)}"
 
 
+@pytest.mark.slow
 def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     out = smoke_sweep.stdout
     assert out.splitlines()[0].startswith("MLflow tracking: sqlite:///")
-    assert "mlflow ui --backend-store-uri sqlite:///" in out.splitlines()[1]
+    assert "mlflow ui --backend-store-uri sqlite:///" in out.splitlines()[0]
     assert "[progress] trials 2/2 done" in out
     assert "headline: Spearman" in out or "cutoffs" in out
 
-    c, parent, children = sweep_runs(workspace, "smoke1")
+    c, parent, children = workspace.runs("smoke1")
     assert parent.info.status == "FINISHED"
+    # direct links, at the start (runs, and a comparison of the planned cells) and at the end
+    exp = parent.info.experiment_id
+    assert out.count(f"http://127.0.0.1:5000/#/experiments/{exp}/runs") == 2
+    compares = [line for line in out.splitlines() if "#/compare-runs?runs=" in line]
+    assert len(compares) == 2 and all(all(r.info.run_id in line for r in children) for line in compares)
     # smoke grid: srm {none, pool1} × epochs {1, 2} × lr {1e-3} × 1 seed
     assert len(children) == 4
     assert {(r.data.params["srm"], float(r.data.params["epochs"])) for r in children} == {
         ("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
+    assert {r.data.params["epochs"] for r in children} == {"1", "2"}  # integral epochs log as integers
+    assert {r.data.tags["fakedet.trajectory"] for r in children} == {"none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"}
     for r in children:
         assert r.info.status == "FINISHED"
         for p in ("srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle", "data", "data_hash", "code_version"):
@@ -54,9 +64,13 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     assert any("spearman" in k for k in pm) and any("pearson" in k for k in pm) and any("kendall" in k for k in pm)
     assert "corr/points/n" in pm and any(k.startswith("cutoff/transfer_val/") for k in pm)
     analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
-    assert {"analysis/cutoffs.csv", "analysis/correlations_cells.csv", "analysis/cutoff_curves.png"} <= analysis
+    assert {"analysis/cutoffs.csv", "analysis/correlations_cells.csv", "analysis/run_record.json"} <= analysis
+    # each figure is logged once, by the views, under figures/
+    figures = {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/cutoff_curves.png" in figures and not [a for a in analysis if a.endswith(".png")]
 
 
+@pytest.mark.slow
 def test_cells_sharing_a_trajectory_equal_separate_runs(workspace, smoke_sweep):
     """The 1-epoch cell, read off the 2-epoch trajectory, equals a separate 1-epoch run with the same seed."""
     from fakedet.config import TrainConfig
@@ -64,9 +78,9 @@ def test_cells_sharing_a_trajectory_equal_separate_runs(workspace, smoke_sweep):
     from fakedet.sweep.trainable import SWEEP_EVAL_SETS
     from fakedet.train import train
 
-    c, parent, children = sweep_runs(workspace, "smoke1")
+    c, parent, children = workspace.runs("smoke1")
     one = next(r for r in children if r.data.params["srm"] == "pool1" and float(r.data.params["epochs"]) == 1)
-    splits = load_splits(resolve_data("synthetic", workspace["cache"], size="small", show_progress=False))
+    splits = load_splits(resolve_data("synthetic", workspace.cache, size="small", show_progress=False))
     cfg = TrainConfig(srm="pool1", epochs=1, lr=float(one.data.params["lr"]), seed=int(one.data.params["seed"]), device="cpu")
     separate = train(cfg, splits["cifake_train"], {k: splits[k] for k in SWEEP_EVAL_SETS if k in splits})
     for dataset, metrics in separate.final["metrics"].items():
@@ -77,34 +91,37 @@ def test_cells_sharing_a_trajectory_equal_separate_runs(workspace, smoke_sweep):
                 assert one.data.metrics[f"{dataset}/{name}"] == pytest.approx(metrics[name], abs=1e-6), f"{dataset}/{name}"
 
 
-def test_cutoff_command_rereads_a_finished_sweep(workspace, smoke_sweep):
-    proc = run([*RUN, "cutoff", "--sweep", "smoke1", "--tracking-uri", f"sqlite:///{workspace['root'] / 'mlflow.db'}"])
+@pytest.mark.slow
+def test_cutoff_command_rereads_a_finished_sweep(workspace, smoke_sweep, run):
+    proc = run([*workspace.command, "cutoff", "--sweep", "smoke1", "--tracking-uri", f"sqlite:///{workspace.root / 'mlflow.db'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transfer_val" in proc.stdout and "intrinsic_val_loss" in proc.stdout and "patience_3" in proc.stdout
-    c, parent, _ = sweep_runs(workspace, "smoke1")
+    c, parent, _ = workspace.runs("smoke1")
     # the same analysis again adds no duplicate points to the parent run
     assert len(c.get_metric_history(parent.info.run_id, "corr/points/n")) == 1
     # and resuming a finished sweep trains nothing
-    again = run([*RUN, "ablation", "--resume", "smoke1", "--storage-path", str(workspace["root"] / "ray_results")])
+    again = run([*workspace.command, "ablation", "--resume", "smoke1", "--storage-path", str(workspace.storage)])
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
 
 
-def test_crashed_trial_is_retried_from_its_checkpoint(workspace):
-    proc = run(sweep_args(workspace, "crash1", "--srm", "none", "--crash-once-after-step", "3"))
+@pytest.mark.slow
+def test_crashed_trial_is_retried_from_its_checkpoint(workspace, run):
+    proc = run(workspace.args("crash1", "--srm", "none", "--crash-once-after-step", "3"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[retry]" in proc.stdout
-    marker = workspace["root"] / "ray_results" / "crash1" / "crash_once.marker"
+    marker = workspace.storage / "crash1" / "crash_once.marker"
     assert marker.exists()  # the worker really died once
-    c, parent, children = sweep_runs(workspace, "crash1")
+    c, parent, children = workspace.runs("crash1")
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert_no_duplicate_points(c, children)
     two = next(r for r in children if float(r.data.params["epochs"]) == 2)
     assert len(c.get_metric_history(two.info.run_id, "train/loss")) == 3  # 0.5, 1, 2: nothing lost
 
 
-def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace):
-    db = workspace["root"] / "mlflow.db"
-    args = sweep_args(workspace, "resume1", "--epochs", "1,3", "--max-concurrent", "1")
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace, run):
+    db = workspace.root / "mlflow.db"
+    args = workspace.args("resume1", "--epochs", "1,3", "--max-concurrent", "1")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     # interrupt once the first cell of the first trajectory has finished, mid-way through the sweep
@@ -122,10 +139,18 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace):
     assert proc.returncode != 0, out[-2000:]
     assert "--resume resume1" in out, out[-2000:]
 
-    resumed = run([*RUN, "ablation", "--resume", "resume1", "--storage-path", str(workspace["root"] / "ray_results"),
-                   "--ray-temp-dir", str(workspace["ray_tmp"]), "--num-cpus", "2", "--cache-root", str(workspace["cache"])])
+    resume = [*workspace.command, "ablation", "--resume", "resume1", "--storage-path", str(workspace.storage),
+              "--ray-temp-dir", str(workspace.ray_tmp), "--num-cpus", "2", "--cache-root", str(workspace.cache)]
+    # a resume onto other data is refused: its cells would mix two datasets
+    record = workspace.storage / "resume1" / "fakedet_sweep.json"
+    original = record.read_text()
+    record.write_text(json.dumps({**json.loads(original), "data_hash": "0123456789ab"}))
+    refused = run(resume, timeout=300)
+    assert refused.returncode == 2 and "the data changed" in refused.stderr, refused.stdout[-2000:] + refused.stderr[-2000:]
+    record.write_text(original)
+    resumed = run(resume)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    c, parent, children = sweep_runs(workspace, "resume1")
+    c, parent, children = workspace.runs("resume1")
     assert parent.info.status == "FINISHED"
     keys = [r.data.tags["fakedet.cell_key"] for r in children]
     assert len(keys) == len(set(keys)) == 4  # no cell run duplicated
@@ -136,30 +161,61 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace):
         assert len(c.get_metric_history(r.info.run_id, "cifake_test/acc")) == expected, r.info.run_name
 
 
-def test_hpo_smoke(workspace):
-    optuna_db = workspace["root"] / "optuna.db"
-    proc = run(sweep_args(workspace, "hpo1", "--optuna-storage", f"sqlite:///{optuna_db}", kind="hpo"))
+@pytest.mark.slow
+def test_hpo_smoke(workspace, run):
+    optuna_db = workspace.root / "optuna.db"
+    proc = run(workspace.args("hpo1", "--optuna-storage", f"sqlite:///{optuna_db}", kind="hpo"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import optuna
 
     study = optuna.load_study(study_name="hpo1", storage=f"sqlite:///{optuna_db}")
     assert len(study.trials) == 3
-    c, parent, children = sweep_runs(workspace, "hpo1")
+    c, parent, children = workspace.runs("hpo1")
     assert len(children) == 3
     assert all("agiri_val/auc" in r.data.metrics for r in children)
 
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--srm", "none,pool9"], "unknown SRM placement"), (["--lr", "0"], "learning rates must be > 0"),
-     (["--epochs", "1,2.5"], "epochs must be positive integers"), (["--epochs", "0"], "epochs must be positive integers"),
-     (["--eval-at", "7"], "outside"), (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
-     (["--data", "/nonexistent/data"], "nonexistent")],
+    [(["--srm", "none,pool9"], "[space] srm: unknown SRM placement"), (["--lr", "0"], "[space] lr.0: Input should be greater than 0"),
+     (["--epochs", "1,2.5"], "[space] epochs.1: Input should be a valid integer"),
+     (["--epochs", "0"], "[space] epochs.0: Input should be greater than 0"),
+     (["--eval-at", "7"], "beyond the longest cell"), (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+     (["--data", "/nonexistent/data"], "nonexistent"), (["--seeds", "0"], "[space] seeds")],
 )
-def test_bad_input_stops_before_training(workspace, extra, message, tmp_path):
-    args = sweep_args(workspace, "bad", *extra)
+def test_bad_input_stops_before_training(workspace, extra, message, tmp_path, run):
+    args = workspace.args("bad", *extra)
     args[args.index("--storage-path") + 1] = str(tmp_path / "ray_results")
     proc = run(args, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (tmp_path / "ray_results").exists()  # nothing was scheduled
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_at_once_in_one_folder(workspace, tmp_path):
+    """Same store, same storage, default names: both finish, each under its own name (no schema race,
+    no shared Ray experiment folder)."""
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
+    procs = []
+    for i in range(2):
+        args = [*workspace.command, "ablation", "--smoke", "--srm", "none", "--epochs", "1", "--cache-root", str(workspace.cache),
+                "--storage-path", str(storage), "--tracking-uri", f"sqlite:///{db}", "--num-cpus", "1",
+                "--ray-temp-dir", tempfile.mkdtemp(prefix=f"fdcc{i}", dir="/tmp")]
+        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    names = [d.name for d in storage.iterdir()]
+    assert len(names) == 2 and len(set(names)) == 2
+    c = MlflowClient(f"sqlite:///{db}")
+    parents = c.search_runs([e.experiment_id for e in c.search_experiments()], filter_string="tags.`fakedet.kind` = 'sweep'")
+    assert sorted(p.data.tags["fakedet.sweep"] for p in parents) == sorted(names)
+    assert all(p.info.status == "FINISHED" for p in parents)
+
+
+def test_an_existing_sweep_name_is_refused_unless_resuming(workspace, tmp_path, run):
+    (tmp_path / "ray_results" / "taken").mkdir(parents=True)
+    args = workspace.args("taken")
+    args[args.index("--storage-path") + 1] = str(tmp_path / "ray_results")
+    proc = run(args, timeout=120)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--resume taken" in proc.stderr, proc.stderr

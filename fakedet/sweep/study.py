@@ -1,179 +1,399 @@
-"""Study files: one TOML file per study in `sweeps/` holding its space, budget and metrics.
+"""Study files: one TOML file per study in `sweeps/` holding its space, budget, metrics and presets.
 
-A study expands into *cells* (one model configuration each: what the MLflow UI compares) and groups
-them into *trajectories* (one Ray trial each): cells that differ only in their epoch count share one
-training run with a constant learning rate, read off at each cell's epoch.
+The schema below owns every default and every rule: a study file is read once, checked as a whole
+(unknown keys and wrong types refused with one line naming the file, section and key), and turned
+into the `TrialSpec`s Ray runs. Presets (`[presets.<name>]`) and command-line overrides are deltas
+merged over the file's tables before that one check, so they obey the same rules.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
+import itertools
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fakedet.config import TrainConfig, dense_eval_points
+from fakedet.data.synthetic import SIZES
 from fakedet.models import PLACEMENTS
+from fakedet.sweep.spec import Trajectory, TrialSpec
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+MetricName = Annotated[str, Field(pattern=r"^[a-z0-9_]+/[a-z0-9_]+$")]
 
 
 class StudyError(ValueError):
     """A study file or command-line override that cannot run; raised before any training starts."""
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One ablation cell: a training config read off at `config.epochs`."""
+def refuse_test_split(metric: str, what: str) -> None:
+    """The one rule for choosing on data: never a split whose name contains `test`."""
+    split = metric.split("/", 1)[0]
+    if "test" in split:
+        raise ValueError(f"{what} {metric!r} is on a test split; choose on a validation split (cifake_val or agiri_val)")
 
-    config: TrainConfig
+
+class _Section(BaseModel):
+    # strict: no silent "10" -> 10 or true -> 1; extra="forbid": a typo is an error, not a default
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class AblationSpace(_Section):
+    srm: list[str] = ["none", "pool1", "pool2"]
+    """SRM placements (fakedet.models.PLACEMENTS): none = the study's base model, pool1 = its SRM model."""
+    epochs: list[PositiveInt] = [1, 10, 50, 100]
+    """Cell lengths; cells differing only here share one trajectory."""
+    lr: list[PositiveFloat] = [1e-4, 1e-3, 1e-2]
+    """Constant SGD learning rates."""
+    seeds: PositiveInt | list[int] = 1
+    """A count (seeds fixed.seed, fixed.seed + 1, ...) or an explicit list."""
+
+    @field_validator("srm")
+    @classmethod
+    def _known_placements(cls, value: list[str]) -> list[str]:
+        bad = [s for s in value if s not in PLACEMENTS]
+        if bad:
+            raise ValueError(f"unknown SRM placement(s) {bad} (known: {', '.join(PLACEMENTS)})")
+        return value
+
+    @field_validator("srm", "epochs", "lr")
+    @classmethod
+    def _not_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("needs at least one value")
+        return value
+
+
+class Sampler(_Section):
+    """One HPO dimension: exactly one of loguniform/uniform/randint = [low, high] or choice = [...]."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)  # TOML arrays for the tuples
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Sampler":
+        given = [k for k in ("loguniform", "uniform", "randint", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, randint = [low, high] or choice = [...]")
+        how = given[0]
+        if how == "choice":
+            if not self.choice:
+                raise ValueError("choice needs at least one value")
+        else:
+            lo, hi = getattr(self, how)
+            if not lo < hi:
+                raise ValueError(f"{how} needs low < high, got [{lo}, {hi}]")
+            if how == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {lo}")
+        return self
 
     @property
-    def key(self) -> str:
-        """Stable id of the cell's config (what `--resume` matches MLflow runs on)."""
-        d = self.config.to_dict()
-        for k in ("eval_at", "eval_batch_size", "device"):
-            d.pop(k)
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "randint", "choice") if getattr(self, k) is not None)
+
+    def extremes(self) -> list[Any]:
+        """The values a valid training config must accept: both bounds, or every choice."""
+        if self.choice is not None:
+            return list(self.choice)
+        lo, hi = getattr(self, self.kind)
+        return [lo, hi - 1] if self.kind == "randint" else [lo, hi]  # randint's high is exclusive (Ray Tune)
+
+
+class Budget(_Section):
+    dense_points: bool = True
+    """Also evaluate at fractions of the first epoch and log-spaced epochs (the cutoff analysis)."""
+    eval_at: list[PositiveFloat] = []
+    """Extra evaluation points, in epochs."""
+    cpus_per_trial: PositiveFloat = 1
+    gpus_per_trial: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.25
+    """Asked for only where the cluster has GPUs: four small CNNs share one GPU."""
+    max_failures: NonNegativeInt = 2
+    """A crashed trial is retried from its last checkpoint this many times (Ray's -1, forever, is refused)."""
+
+
+class AblationBudget(Budget):
+    pass
+
+
+class HpoBudget(Budget):
+    epochs: PositiveInt = 10
+    """Every trial's maximum length."""
+    num_samples: PositiveInt = 20
+    """Trials Optuna proposes."""
+    max_concurrent: PositiveInt = 2
+    """TPE learns from finished trials: few at once keeps it informed."""
+    grace_period: PositiveFloat = 1
+    """ASHA: epochs every trial gets before it may be stopped."""
+    reduction_factor: Annotated[float, Field(gt=1)] = 3
+    """ASHA: keep the best 1/reduction_factor at each rung."""
+    seed: int = 0
+    """TPE sampler seed."""
+
+
+class Metrics(_Section):
+    intrinsic: list[MetricName] = ["cifake_test/acc", "cifake_test/f1", "cifake_test/auc"]
+    transfer: list[MetricName] = ["agiri_test/acc", "agiri_test/f1", "agiri_test/auc", "cifar100_test/real_recall"]
+    objective: MetricName = "agiri_val/auc"
+    """HPO only: the metric Optuna and ASHA optimise (never a test split)."""
+    mode: Literal["max", "min"] | None = None
+    """HPO only: default min for losses, max otherwise."""
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_not_test(cls, value: str) -> str:
+        refuse_test_split(value, "objective")
+        return value
 
     @property
-    def name(self) -> str:
-        c = self.config
-        return f"srm={c.srm} ep={c.epochs:g} lr={c.lr:g} seed={c.seed}"
+    def objective_mode(self) -> str:
+        return self.mode or ("min" if self.objective.endswith("/loss") else "max")
 
 
-@dataclass(frozen=True)
-class Trajectory:
-    """One Ray trial: train to the longest cell's epochs, evaluating at every cell's epoch and the dense points."""
+class Cutoff(_Section):
+    select_on: MetricName = "agiri_val/auc"
+    """The transfer-validation metric the transfer-optimal cutoff is chosen on."""
+    intrinsic_loss: MetricName = "cifake_val/loss"
+    intrinsic_acc: MetricName = "cifake_val/acc"
+    patience: PositiveInt = 3
+    """Evaluation points without an intrinsic_loss improvement before early stopping stops."""
+    report: Annotated[list[MetricName], Field(min_length=1)] = ["agiri_test/auc", "agiri_test/acc", "cifake_test/acc"]
+    """Metrics read at each rule's chosen point (test splits: reported, never chosen on)."""
 
-    config: TrainConfig
-    cells: tuple[Cell, ...]
-
-    @property
-    def name(self) -> str:
-        c = self.config
-        return f"srm={c.srm} lr={c.lr:g} seed={c.seed} ->{c.epochs:g}ep"
+    @field_validator("select_on", "intrinsic_loss", "intrinsic_acc")
+    @classmethod
+    def _chosen_not_on_test(cls, value: str) -> str:
+        refuse_test_split(value, "cutoff selection metric")
+        return value
 
 
-@dataclass
-class Study:
+class DataOptions(_Section):
+    size: Literal[tuple(SIZES)] = "default"  # type: ignore[valid-type]
+    """Size of the built-in stand-in when `--data synthetic`."""
+
+
+class _StudyFile(_Section):
     name: str
-    kind: str  # "ablation" or "hpo"
-    space: dict[str, Any]
-    fixed: dict[str, Any] = field(default_factory=dict)
-    budget: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    cutoff: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    """Data options: `size` of the stand-in (tiny, small, default) when `--data synthetic`."""
-    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    source: str = ""
+    kind: Literal["ablation", "hpo"]
+    fixed: dict[str, Any] = {}
+    metrics: Metrics = Metrics()
+    cutoff: Cutoff = Cutoff()
+    data: DataOptions = DataOptions()
+    presets: dict[str, dict[str, dict[str, Any]]] = {}
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class AblationFile(_StudyFile):
+    kind: Literal["ablation"]
+    space: AblationSpace = AblationSpace()
+    budget: AblationBudget = AblationBudget()
+
+
+class HpoFile(_StudyFile):
+    kind: Literal["hpo"]
+    space: dict[str, Sampler]
+    budget: HpoBudget = HpoBudget()
+
+
+SECTIONS = ("space", "fixed", "budget", "metrics", "cutoff", "data")
+
+
+def _format(path: str, error: ValidationError) -> str:
+    """Pydantic's errors as one line: `FILE: [section] key: message; ...`."""
+    parts = []
+    for e in error.errors():
+        loc = [str(x) for x in e["loc"] if not (isinstance(x, str) and x in ("function-after[_exactly_one()]",))]
+        section, key = (loc[0], ".".join(loc[1:])) if loc else ("", "")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" if key else "unknown section"
+        elif not key and e["type"] in ("model_type", "dict_type"):
+            msg = "must be a table of keys"
+        where = f"[{section}] {key}" if key else f"{section}"
+        parts.append(f"{where}: {msg}")
+    return f"{path}: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study file, checked: its typed sections, the preset applied (if any), and where it came from."""
+
+    spec: AblationFile | HpoFile
+    source: str
+    preset: str | None = None
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path_or_name: str | Path) -> "Study":
-        path = Path(path_or_name)
-        if not path.suffix and not path.exists():
-            path = SWEEPS_DIR / f"{path_or_name}.toml"
-        if not path.is_file():
-            raise StudyError(f"study file {path} not found (studies live in {SWEEPS_DIR}: "
-                             f"{', '.join(p.stem for p in sorted(SWEEPS_DIR.glob('*.toml')))})")
+    def load(cls, path_or_name: str | Path, preset: str | None = None,
+             overrides: dict[str, dict[str, Any]] | None = None) -> "Study":
+        """Read and check a study file; `preset` and `overrides` ({section: {key: value}}) are merged first."""
+        path = resolve_path(path_or_name)
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise StudyError(f"{path}: not valid TOML: {e}") from None
-        known = {"name", "kind", "space", "fixed", "budget", "metrics", "cutoff", "data", "presets"}
-        unknown = set(raw) - known
-        if unknown:
-            raise StudyError(f"{path}: unknown sections {sorted(unknown)} (known: {sorted(known)})")
-        if raw.get("kind") not in ("ablation", "hpo"):
-            raise StudyError(f"{path}: kind must be 'ablation' or 'hpo', got {raw.get('kind')!r}")
-        return cls(
-            name=raw.get("name", path.stem), kind=raw["kind"], space=raw.get("space", {}), fixed=raw.get("fixed", {}),
-            budget=raw.get("budget", {}), metrics=raw.get("metrics", {}), cutoff=raw.get("cutoff", {}),
-            data=raw.get("data", {}), presets=raw.get("presets", {}), source=str(path),
-        )
+        raw.setdefault("name", path.stem)
+        base = cls._check(raw, str(path))
+        # every preset must apply cleanly, whichever one is asked for: a typo in one is found at once
+        for name in base.spec.presets:
+            cls._check(_merge(raw, base.spec.presets[name], f"{path}: preset {name!r}"), f"{path} (preset {name!r})")
+        if preset is not None and preset not in base.spec.presets:
+            raise StudyError(f"{path}: no preset {preset!r} (has: {', '.join(base.spec.presets) or 'none'})")
+        merged = _merge(raw, base.spec.presets[preset], str(path)) if preset else raw
+        if overrides:
+            merged = _merge(merged, overrides, f"{path}: command-line override")
+        where = str(path) + (f" (preset {preset!r})" if preset else "") + (" with command-line overrides" if overrides else "")
+        study = cls._check(merged, where)
+        return cls(study.spec, str(path), preset)
 
-    def with_preset(self, preset: str) -> "Study":
-        """The study with a `[presets.<name>]` table merged over it (section by section)."""
-        if preset not in self.presets:
-            raise StudyError(f"study {self.name!r} has no preset {preset!r} (has: {', '.join(self.presets) or 'none'})")
-        merged = copy.deepcopy(self)
-        for section, values in self.presets[preset].items():
-            if not isinstance(values, dict) or not hasattr(merged, section):
-                raise StudyError(f"preset {preset!r}: {section!r} is not a section of the study")
-            getattr(merged, section).update(values)
-        return merged
-
-    # ---- ablation grid -------------------------------------------------------------------------
-    def cells(self) -> list[Cell]:
-        if self.kind != "ablation":
-            raise StudyError(f"study {self.name!r} is a {self.kind} study, not an ablation grid")
-        srms = _as_list(self.space.get("srm", ["none", "pool1", "pool2"]))
-        epochs = _as_list(self.space.get("epochs", [1, 10, 50, 100]))
-        lrs = _as_list(self.space.get("lr", [1e-4, 1e-3, 1e-2]))
-        seeds = self.seed_list()
-        errors = []
-        bad_srm = [s for s in srms if s not in PLACEMENTS]
-        if bad_srm:
-            errors.append(f"unknown SRM placement(s) {bad_srm} (known: {', '.join(PLACEMENTS)})")
-        bad_ep = [e for e in epochs if isinstance(e, bool) or not isinstance(e, int) or e <= 0]
-        if bad_ep:
-            errors.append(f"epochs must be positive integers, got {bad_ep}")
-        bad_lr = [lr for lr in lrs if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr)]
-        if bad_lr:
-            errors.append(f"learning rates must be > 0, got {bad_lr}")
-        if errors:
-            raise StudyError("; ".join(errors))
-        cells = []
-        for srm in srms:
-            for lr in lrs:
-                for seed in seeds:
-                    for ep in sorted(set(epochs)):
-                        cells.append(Cell(self.train_config(srm=srm, lr=float(lr), seed=seed, epochs=ep)))
-        return cells
-
-    def seed_list(self) -> list[int]:
-        seeds = self.space.get("seeds", 1)
-        if isinstance(seeds, int) and not isinstance(seeds, bool):
-            if seeds < 1:
-                raise StudyError(f"seeds must be at least 1, got {seeds}")
-            base = int(self.fixed.get("seed", TrainConfig.seed))
-            return [base + i for i in range(seeds)]
-        return [int(s) for s in _as_list(seeds)]
-
-    def train_config(self, **overrides: Any) -> TrainConfig:
-        values = {**self.fixed, **overrides}
+    @classmethod
+    def _check(cls, raw: dict[str, Any], where: str) -> "Study":
+        model = {"ablation": AblationFile, "hpo": HpoFile}.get(raw.get("kind"))
+        if model is None:
+            raise StudyError(f"{where}: kind must be 'ablation' or 'hpo', got {raw.get('kind')!r}")
         try:
-            return TrainConfig(**values)
+            spec = model.model_validate(raw)
+        except ValidationError as e:
+            raise StudyError(_format(where, e)) from None
+        study = cls(spec, where)
+        study._check_training_configs(where)
+        return study
+
+    def _check_training_configs(self, where: str) -> None:
+        """`[fixed]` and every value the space can produce must make a valid TrainConfig."""
+        unknown = sorted(set(self.spec.fixed) - set(TrainConfig.__dataclass_fields__))
+        if unknown:
+            raise StudyError(f"{where}: [fixed] {', '.join(unknown)}: unknown key (TrainConfig fields: "
+                             f"{', '.join(TrainConfig.__dataclass_fields__)})")
+        try:
+            TrainConfig(**self.spec.fixed)
         except (TypeError, ValueError) as e:
-            raise StudyError(f"study {self.name!r}: {e}") from None
+            raise StudyError(f"{where}: [fixed] {e}") from None
+        if isinstance(self.spec, HpoFile):
+            for key, sampler in self.spec.space.items():
+                if key not in TrainConfig.__dataclass_fields__ or key in ("epochs", "eval_at"):
+                    raise StudyError(f"{where}: [space] {key}: not a training config field an HPO trial can vary")
+                for value in sampler.extremes():
+                    try:
+                        TrainConfig(**{**self.spec.fixed, key: value})
+                    except (TypeError, ValueError) as e:
+                        raise StudyError(f"{where}: [space] {key}: the value {value!r} it can sample is refused: {e}") from None
+
+    # ---- the typed sections --------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def budget(self) -> AblationBudget | HpoBudget:
+        return self.spec.budget
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.spec.metrics
+
+    @property
+    def cutoff(self) -> Cutoff:
+        return self.spec.cutoff
+
+    @property
+    def data(self) -> DataOptions:
+        return self.spec.data
+
+    @property
+    def presets(self) -> dict[str, dict]:
+        return self.spec.presets
+
+    def sections(self) -> dict[str, Any]:
+        """The resolved study as plain data (what a sweep records)."""
+        return {"name": self.name, "kind": self.kind, "preset": self.preset, **self.spec.model_dump(include=set(SECTIONS))}
+
+    # ---- trials --------------------------------------------------------------------------------
+    def seeds(self) -> list[int]:
+        seeds = self.spec.space.seeds
+        if isinstance(seeds, int):
+            base = int(self.spec.fixed.get("seed", TrainConfig.seed))
+            return [base + i for i in range(seeds)]
+        return list(seeds)
 
     def trajectories(self) -> list[Trajectory]:
-        """Cells grouped so that no epoch is trained twice."""
-        groups: dict[str, list[Cell]] = {}
-        for cell in self.cells():
-            d = cell.config.to_dict()
-            d.pop("epochs")
-            groups.setdefault(json.dumps(d, sort_keys=True), []).append(cell)
-        extra = [float(e) for e in self.budget.get("eval_at", [])]
+        """The ablation grid's trajectories: one per (placement, lr, seed), its cells at every epoch count."""
+        if not isinstance(self.spec, AblationFile):
+            raise StudyError(f"study {self.name!r} is a {self.kind} study, not an ablation grid")
+        space, budget = self.spec.space, self.spec.budget
+        cell_epochs = sorted(set(space.epochs))
+        longest = cell_epochs[-1]
+        points = {float(e) for e in budget.eval_at} | {float(e) for e in cell_epochs}
+        if budget.dense_points:
+            points |= set(dense_eval_points(longest))
+        beyond = sorted(p for p in points if p > longest)
+        if beyond:
+            raise StudyError(f"{self.source}: [budget] eval_at: points {beyond} lie beyond the longest cell ({longest} epochs)")
         trajectories = []
-        for cells in groups.values():
-            longest = max(c.config.epochs for c in cells)
-            points = set(extra) | {float(c.config.epochs) for c in cells}
-            if self.budget.get("dense_points", True):
-                points |= set(dense_eval_points(longest))
-            beyond = sorted(p for p in points if p > longest or p <= 0)
-            if beyond:
-                raise StudyError(f"evaluation points {beyond} lie outside (0, {longest:g}] epochs")
-            cfg = self.train_config(**{**cells[0].config.to_dict(), "epochs": longest, "eval_at": tuple(sorted(points))})
-            trajectories.append(Trajectory(cfg, tuple(sorted(cells, key=lambda c: c.config.epochs))))
+        for srm, lr, seed in itertools.product(space.srm, space.lr, self.seeds()):
+            cfg = self._train_config(srm=srm, lr=float(lr), seed=seed, epochs=longest, eval_at=tuple(sorted(points)))
+            trajectories.append(Trajectory(cfg, tuple(cell_epochs)))
         return trajectories
 
+    def trials(self) -> list[TrialSpec]:
+        return [TrialSpec((t,)) for t in self.trajectories()]
 
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    def hpo_template(self) -> TrialSpec:
+        """The HPO trials' template: the fixed config at the budget's length; each trial replaces the sampled fields."""
+        if not isinstance(self.spec, HpoFile):
+            raise StudyError(f"study {self.name!r} is a {self.kind} study, not an HPO study")
+        epochs = self.spec.budget.epochs
+        points = {float(e) for e in self.spec.budget.eval_at if e <= epochs}
+        if self.spec.budget.dense_points:
+            points |= set(dense_eval_points(epochs, per_first_epoch=(0.25, 0.5)))
+        points.add(float(epochs))
+        cfg = self._train_config(epochs=epochs, eval_at=tuple(sorted(points)))
+        return TrialSpec((Trajectory(cfg, (float(epochs),)),))
+
+    def _train_config(self, **values: Any) -> TrainConfig:
+        try:
+            return TrainConfig(**{**self.spec.fixed, **values})
+        except (TypeError, ValueError) as e:
+            raise StudyError(f"{self.source}: {e}") from None
+
+
+def resolve_path(path_or_name: str | Path) -> Path:
+    """A study file's path: as given, or `sweeps/<name>.toml` for a bare name."""
+    path = Path(path_or_name)
+    if not path.suffix and not path.exists():
+        path = SWEEPS_DIR / f"{path_or_name}.toml"
+    if not path.is_file():
+        raise StudyError(f"study file {path} not found (studies live in {SWEEPS_DIR}: "
+                         f"{', '.join(p.stem for p in sorted(SWEEPS_DIR.glob('*.toml')))})")
+    return path
+
+
+def _merge(raw: dict[str, Any], delta: dict[str, Any], where: str) -> dict[str, Any]:
+    """`delta`'s tables merged key by key over `raw`'s sections."""
+    merged = copy.deepcopy(raw)
+    for section, values in delta.items():
+        if section not in SECTIONS:
+            raise StudyError(f"{where}: {section!r} is not a section of a study ({', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise StudyError(f"{where}: [{section}] must be a table of keys")
+        merged.setdefault(section, {})
+        if not isinstance(merged[section], dict):
+            raise StudyError(f"{where}: [{section}] must be a table of keys, got {type(merged[section]).__name__}")
+        merged[section] = {**merged[section], **copy.deepcopy(values)}
+    return merged

@@ -1,0 +1,195 @@
+"""Run a planned sweep on Ray Tune: data prepared once, the parent run opened, trials scheduled and
+logged to MLflow by the driver, until every cell has ended or the sweep is interrupted."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from fakedet.config import default_cache_root
+from fakedet.data import cache_hash, load_splits, resolve_data
+from fakedet.provenance import run_record
+from fakedet.sweep.plan import SweepPlan
+from fakedet.sweep.progress import Progress, say
+from fakedet.sweep.record import RESUMED_ARGS, write_sweep_file
+from fakedet.sweep.spec import FaultInjection
+from fakedet.sweep.tags import TAG_KIND
+from fakedet.sweep.tracking import (
+    MlflowCellCallback, SweepTracking, TrackingUnavailable, compare_link, runs_link, writer_for,
+)
+from fakedet.sweep.trainable import run_trial
+
+
+@dataclass
+class SweepOutcome:
+    plan: SweepPlan
+    tracking: SweepTracking
+    record: dict[str, Any]
+    cache: Path
+    data_hash: str
+    ended_cells: int
+    failed_trials: int
+    tracking_error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.tracking_error is None and self.ended_cells >= self.plan.cell_count
+
+
+def prepare_data(plan: SweepPlan, args) -> tuple[Path, str, dict]:
+    size = plan.study.data.size
+    cache = resolve_data(args.data, args.cache_root or default_cache_root(), size=size)
+    data_hash = cache_hash(cache)
+    splits = load_splits(cache)
+    say(f"data: {args.data} ({size if args.data == 'synthetic' else cache}), cache {data_hash}; "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    return cache, data_hash, splits
+
+
+def init_ray(args) -> None:
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=args.verbose)
+    else:
+        # "local": always a fresh single-machine instance, never a stale cluster found in /tmp/ray
+        kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": args.verbose}
+        if args.num_cpus:
+            kwargs["num_cpus"] = args.num_cpus
+        if args.ray_temp_dir:
+            kwargs["_temp_dir"] = str(Path(args.ray_temp_dir).resolve())
+        ray.init(**kwargs)
+
+
+def trial_resources(plan: SweepPlan, args) -> dict[str, float]:
+    budget = plan.study.budget
+    cpus = float(args.cpus_per_trial or budget.cpus_per_trial)
+    if args.gpus_per_trial is not None:
+        # asked for explicitly: honoured even when no GPU is up yet (an autoscaling cluster adds GPU workers)
+        gpus = args.gpus_per_trial
+    else:
+        gpus = float(budget.gpus_per_trial) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {"cpu": cpus, "gpu": gpus} if gpus > 0 else {"cpu": cpus}
+
+
+def tune_config(plan: SweepPlan, args) -> tune.TuneConfig:
+    if plan.kind == "ablation":
+        return tune.TuneConfig(num_samples=1, max_concurrent_trials=args.max_concurrent or None,
+                               trial_dirname_creator=_trial_dirname)
+    budget, metrics = plan.study.budget, plan.study.metrics
+    storage_url = args.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    searcher = OptunaSearch(storage=optuna.storages.RDBStorage(storage_url), study_name=plan.name, seed=budget.seed)
+    say(f"optuna study {plan.name!r} in {storage_url} (optuna-dashboard {storage_url})")
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=float(plan.cell_epochs[-1]), grace_period=float(budget.grace_period),
+                              reduction_factor=float(budget.reduction_factor))
+    return tune.TuneConfig(metric=metrics.objective, mode=metrics.objective_mode, search_alg=searcher, scheduler=scheduler,
+                           num_samples=plan.total_trials, max_concurrent_trials=args.max_concurrent or budget.max_concurrent,
+                           trial_dirname_creator=_trial_dirname)
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def run_config(plan: SweepPlan, storage: str, callbacks: list) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=plan.name,
+        storage_path=storage,
+        callbacks=callbacks,
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=plan.study.budget.max_failures),
+        # every evaluation point's checkpoint is kept: a few hundred kB each, and any point can be
+        # reloaded later (a cutoff's model); a num_to_keep limit also forces an experiment snapshot per checkpoint
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+    )
+
+
+def ended_cells(tracking: SweepTracking) -> int:
+    """Cells whose MLflow run has ended (finished, stopped early by the scheduler, or failed for good)."""
+    return sum(r.info.status in ("FINISHED", "KILLED", "FAILED") for r in tracking.cell_runs() if r.data.tags.get(TAG_KIND) == "cell")
+
+
+def run_sweep(plan: SweepPlan, args, storage: str, tracking_uri: str, experiment: str, meta: dict | None,
+              outage_s: float) -> SweepOutcome:
+    """Prepare data, open (or reopen) the parent run, run every trial; returns what ended."""
+    cache, data_hash, splits = prepare_data(plan, args)
+    if meta and meta.get("data_hash") not in (None, data_hash) and not args.allow_data_change:
+        raise ValueError(f"--resume: the data changed since sweep {plan.name} started (cache {meta['data_hash']} then, "
+                         f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
+    init_ray(args)
+    resources = trial_resources(plan, args)
+    say(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
+        f"each trial asks for {resources}; results under {storage}/{plan.name}")
+
+    record = run_record()
+    run_params = {"data": args.data, "data_hash": data_hash, "code_version": record["code_version"], "sweep": plan.name}
+    if meta:
+        tracking = SweepTracking.open(tracking_uri, experiment, plan.name, {}, {}, parent_run_id=meta["parent_run_id"])
+    else:
+        sweep_params = {"kind": plan.kind, "study": plan.study.source, "preset": plan.study.preset or "", "data": args.data,
+                        "data_hash": data_hash, "code_version": record["code_version"], "trials": plan.total_trials,
+                        "cells": plan.cell_count,
+                        # what the views need to redraw the cutoff analysis without the study file
+                        "cutoff_select_on": plan.study.cutoff.select_on, "cutoff_report": list(plan.study.cutoff.report)}
+        tracking = SweepTracking.open(tracking_uri, experiment, plan.name, sweep_params, {"fakedet.study": plan.study.name})
+        write_sweep_file(storage, plan.name, {
+            "kind": plan.kind, "name": plan.name, "tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
+            "experiment": experiment, "parent_run_id": tracking.parent_run_id, "args": resumed_args(args),
+            "cache": str(cache), "data_hash": data_hash, "study": plan.study.sections(), **record})
+    if args.crash_once_after_step:
+        plan = plan.with_faults(FaultInjection(args.crash_once_after_step, f"{storage}/{plan.name}/crash_once.marker"))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, splits=splits, template=plan.template), resources)
+
+    logger = MlflowCellCallback(tracking, plan.template, run_params, {"fakedet.study": plan.study.name}, outage_s=outage_s)
+    say(f"MLflow runs: {runs_link(tracking.uri, tracking.experiment_id)}")
+    if plan.trials and not meta:
+        planned = logger.plan_runs(list(plan.trials))
+        say(f"MLflow compare: {compare_link(tracking.uri, tracking.experiment_id, planned)}")
+    callbacks = [logger, Progress(plan.total_trials, plan.template)]
+    path = f"{storage}/{plan.name}"
+    if meta:
+        if "://" not in storage:  # what earlier runs of the sweep measured but could not log (local storage)
+            replayed = logger.replay_stored(Path(path))
+            say(f"resuming {path} (stored results of {replayed} trials checked against MLflow)")
+        else:
+            say(f"resuming {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=plan.param_space)
+    else:
+        tuner = tune.Tuner(trainable, param_space=plan.param_space, tune_config=tune_config(plan, args),
+                           run_config=run_config(plan, storage, callbacks))
+    tracking_error = None
+    try:
+        results = tuner.fit()
+        failed = sum(r.error is not None for r in results)
+    except Exception as e:  # noqa: BLE001 - a tracking outage surfaces from inside Tune's callback
+        cause = _tracking_cause(e)
+        if cause is None:
+            raise
+        tracking_error, failed = str(cause), 0
+    writer = writer_for(tracking.uri, outage_s)
+    if tracking_error is None and not writer.flush(timeout=outage_s):
+        tracking_error = f"{writer.pending()} tracking writes could not be applied"
+    ended = 0 if tracking_error else ended_cells(tracking)
+    return SweepOutcome(plan, tracking, record, cache, data_hash, ended, failed, tracking_error)
+
+
+def resumed_args(args) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in RESUMED_ARGS}
+
+
+def _tracking_cause(e: BaseException) -> TrackingUnavailable | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, TrackingUnavailable):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

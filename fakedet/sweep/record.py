@@ -1,0 +1,71 @@
+"""The sweep file kept beside Ray's results (`<storage>/<name>/fakedet_sweep.json`): what `--resume`
+needs to rebuild the same sweep (its command-line choices, tracking store, parent run, data hash)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+
+from fakedet.sweep.study import StudyError
+
+SWEEP_FILE = "fakedet_sweep.json"
+# the command-line choices that shape a sweep: replayed by --resume
+RESUMED_ARGS = ("data", "smoke", "study", "srm", "epochs", "lr", "seeds", "eval_at", "objective")
+
+
+def storage_root(storage_path: str | None) -> str:
+    """Ray Tune's storage: an absolute local folder (default ./ray_results) or a URI (s3://, gs://, ...)."""
+    if storage_path and "://" in storage_path:
+        return storage_path.rstrip("/")
+    return str(Path(storage_path or Path.cwd() / "ray_results").resolve())
+
+
+def _fs(storage: str):
+    """(pyarrow filesystem, path in it) for a local folder or a URI, as Ray Tune itself resolves storage."""
+    if "://" in storage:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), storage
+
+
+def sweep_exists(storage: str, name: str) -> bool:
+    fs, root = _fs(storage)
+    return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
+
+
+def write_sweep_file(storage: str, name: str, meta: dict[str, Any]) -> None:
+    fs, root = _fs(storage)
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    with fs.open_output_stream(f"{root}/{name}/{SWEEP_FILE}") as f:
+        f.write(json.dumps(meta, indent=1, default=str).encode())
+
+
+def read_sweep_file(storage: str, name: str, kind: str) -> dict[str, Any]:
+    """The sweep file of `name` (or of the most recent `kind` sweep for `latest`)."""
+    fs, root = _fs(storage)
+
+    def read(path: str) -> dict:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    if name == "latest":
+        metas = []
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+            path = f"{info.path}/{SWEEP_FILE}"
+            if info.type == pyarrow.fs.FileType.Directory and fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+                meta = read(path)
+                if meta.get("kind") == kind:
+                    metas.append((fs.get_file_info(path).mtime, meta))
+        if not metas:
+            raise StudyError(f"--resume: no {kind} sweep found under {storage}")
+        meta = max(metas, key=lambda m: m[0])[1]
+    else:
+        path = f"{root}/{name}/{SWEEP_FILE}"
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            raise StudyError(f"--resume: no sweep {name!r} under {storage} (expected {path})")
+        meta = read(path)
+    if meta.get("kind") != kind:
+        raise StudyError(f"--resume: sweep {meta.get('name')!r} is a {meta.get('kind')} sweep, not {kind}")
+    return meta

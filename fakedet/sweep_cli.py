@@ -1,0 +1,183 @@
+"""`python sweeps/run.py ablation|hpo|cutoff`: the sweep command line.
+
+The top of the stack: it plans a sweep (`fakedet.sweep.plan`), runs it on Ray Tune
+(`fakedet.sweep.execute`), then has `fakedet.report` analyse it and log the analysis to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fakedet.config import default_cache_root
+
+
+def _number(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    return int(value) if text.strip().lstrip("+-").isdigit() else value
+
+
+def _list(item_type):
+    def parse(text: str) -> list:
+        items = [t for t in text.replace(" ", ",").split(",") if t]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return [item_type(t) for t in items]
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sweeps/run.py", description="Sweeps of CIFAKE-trained detectors on Ray Tune, Optuna and MLflow.")
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="{ablation,hpo,cutoff}")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--study", help="study file (default: sweeps/<command>.toml)")
+        p.add_argument("--data", default="synthetic", help="synthetic (built-in stand-in, default), kaggle, or PATH (prepared cache or folder of sources)")
+        p.add_argument("--cache-root", help=f"prepared-data cache (default: {default_cache_root()})")
+        p.add_argument("--smoke", action="store_true", help="the study's smoke preset: tiny grid, small stand-in, about two minutes on 2 cores")
+        p.add_argument("--name", help="sweep name (default: <study>-<date>-<time>-<random>); names the Ray experiment and the MLflow parent run")
+        p.add_argument("--resume", nargs="?", const="latest", metavar="NAME", help="continue an interrupted sweep (default: the latest)")
+        p.add_argument("--allow-data-change", action="store_true", help="with --resume: continue although the prepared data's hash changed")
+        p.add_argument("--address", help="join a Ray cluster (e.g. auto, or ray://host:10001); default: start a local Ray")
+        p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+        p.add_argument("--ray-temp-dir", help="temp dir for a local Ray")
+        p.add_argument("--storage-path", help="Ray Tune results and checkpoints (default: ./ray_results; shared storage on a multi-node cluster)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+        p.add_argument("--experiment", help="MLflow experiment (default: the study's name)")
+        p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial where GPUs exist (default: the study's, 0.25)")
+        p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the study's, 1)")
+        p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+        p.add_argument("--tracking-outage", type=float, default=600.0, metavar="SECONDS",
+                       help="how long an unreachable MLflow server is waited for (writes queued, retried) before the sweep stops resumably (default 600)")
+        p.add_argument("--verbose", action="store_true", help="show the trials' own output")
+        p.add_argument("--crash-once-after-step", type=int, help=argparse.SUPPRESS)  # fault injection for tests
+
+    p = sub.add_parser("ablation", help="SRM placement × epochs × learning rate × seeds")
+    common(p)
+    p.add_argument("--srm", type=_list(str), help="placements, e.g. none,pool1,pool2")
+    p.add_argument("--epochs", type=_list(_number), help="epoch counts, e.g. 1,10,50,100 (cells share one trajectory per placement/lr/seed)")
+    p.add_argument("--lr", type=_list(_number), help="learning rates, e.g. 1e-4,1e-3,1e-2")
+    p.add_argument("--seeds", type=int, help="seeds per cell (11, 12, ...)")
+    p.add_argument("--eval-at", type=_list(_number), help="extra evaluation points in epochs")
+
+    p = sub.add_parser("hpo", help="Optuna TPE (through Ray Tune's OptunaSearch) with ASHA stopping")
+    common(p)
+    p.add_argument("--objective", help="metric to optimise (default: the study's, agiri_val/auc)")
+    p.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite:///./optuna.db)")
+
+    p = sub.add_parser("cutoff", help="training-length cutoffs of a finished sweep, from MLflow")
+    p.add_argument("--sweep", required=True, help="the sweep's name (or its MLflow parent run id)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--study", help="study file whose [metrics] and [cutoff] settings to use (default: the sweep's)")
+    return parser
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_study(kind: str, args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from fakedet.report import analyse_sweep
+    from fakedet.sweep.execute import run_sweep
+    from fakedet.sweep.plan import build_plan
+    from fakedet.sweep.record import RESUMED_ARGS, read_sweep_file, storage_root, sweep_exists
+    from fakedet.sweep.study import StudyError
+    from fakedet.sweep.tracking import check_tracking_uri, compare_link, default_tracking_uri, mlflow_ui_command, runs_link
+
+    storage = storage_root(args.storage_path)
+    meta = None
+    if args.resume:
+        meta = read_sweep_file(storage, args.resume, kind)
+        args.name = meta["name"]
+        for k in RESUMED_ARGS:
+            if k in meta["args"]:
+                setattr(args, k, meta["args"][k])
+    plan = build_plan(kind, args)
+    if meta is None and sweep_exists(storage, plan.name):
+        raise StudyError(f"a sweep named {plan.name!r} already exists under {storage}; "
+                         f"continue it with --resume {plan.name}, or choose another --name")
+    uri = meta["tracking_uri"] if meta else (args.tracking_uri or default_tracking_uri())
+    check_tracking_uri(uri)
+    if meta and MlflowClient(uri).get_run(meta["parent_run_id"]).info.status == "FINISHED":
+        say(f"sweep {plan.name} has already finished; nothing to resume "
+            f"(to analyse it again: python sweeps/run.py cutoff --sweep {plan.name} --tracking-uri {uri})")
+        return 0
+    experiment = meta["experiment"] if meta else (args.experiment or plan.study.name)
+    say(f"MLflow tracking: {uri} (experiment {experiment!r}); view it with: {mlflow_ui_command(uri)}")
+    say(f"sweep {plan.name}: {plan.total_trials} trials, {plan.cell_count} cells, study {plan.study.source}"
+        + (f" (preset {plan.study.preset})" if plan.study.preset else ""))
+
+    resume_cmd = f"python sweeps/run.py {kind} --resume {plan.name}" + (f" --storage-path {args.storage_path}" if args.storage_path else "")
+    try:
+        outcome = run_sweep(plan, args, storage, uri, experiment, meta, outage_s=args.tracking_outage)
+    except KeyboardInterrupt:
+        say(f"\ninterrupted. Resume with:\n  {resume_cmd}")
+        return 130
+    tracking = outcome.tracking
+    if outcome.tracking_error:
+        say(f"\nsweep stopped: {outcome.tracking_error}. Nothing measured is lost: the trials' checkpoints are under "
+            f"{storage}/{plan.name}. Once MLflow is reachable again, resume with:\n  {resume_cmd}")
+        try:  # mark the parent where the store answers again; the resume reopens it
+            tracking.client().set_terminated(tracking.parent_run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - the store is down: said above
+            pass
+        return 75  # EX_TEMPFAIL: try again later
+    if not outcome.complete:
+        say(f"\nsweep interrupted ({outcome.ended_cells}/{plan.cell_count} cells ended). Resume with:\n  {resume_cmd}")
+        return 130
+    status = analyse_sweep(tracking, plan.study, plan.cell_epochs, outcome.record)
+    if outcome.failed_trials:
+        say(f"{outcome.failed_trials} trial(s) failed; their cells are marked FAILED in MLflow")
+    tracking.client().set_terminated(tracking.parent_run_id, "FAILED" if outcome.failed_trials else "FINISHED")
+    cells = [r.info.run_id for r in sorted(tracking.cell_runs(), key=lambda r: r.info.run_name)]
+    say(f"\nMLflow ({mlflow_ui_command(uri)}):\n  runs:    {runs_link(uri, tracking.experiment_id)}\n"
+        f"  compare: {compare_link(uri, tracking.experiment_id, cells)}")
+    return 1 if outcome.failed_trials or status else 0
+
+
+def run_cutoff(args) -> int:
+    """Re-run the analysis of a finished sweep from what MLflow holds (the sweep's name or parent run id)."""
+    from fakedet.provenance import run_record
+    from fakedet.report import analyse_sweep
+    from fakedet.results import load_sweep, SweepNotFoundError
+    from fakedet.sweep.study import Study, StudyError
+    from fakedet.sweep.tracking import SweepTracking, check_tracking_uri, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri(uri)
+    try:
+        results = load_sweep(uri, args.sweep)
+    except (SweepNotFoundError, FileNotFoundError) as e:
+        raise StudyError(str(e)) from None
+    params = results.parent.data.params
+    if args.study:
+        study = Study.load(args.study)
+    else:
+        study = Study.load(params.get("study") or results.kind, preset=params.get("preset") or None)
+    tracking = SweepTracking(uri, results.parent.info.experiment_id, results.parent_run_id, results.name)
+    epochs = sorted(results.cells["cell_epochs"].unique()) if len(results.cells) else []
+    return analyse_sweep(tracking, study, epochs, run_record())
+
+
+def main(argv: list[str] | None = None) -> int:
+    # torch, Ray and MLflow load only after the arguments parse: --help and bad flags answer at once
+    from fakedet.data import DataError
+    from fakedet.sweep.study import StudyError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.kind == "cutoff":
+            return run_cutoff(args)
+        return run_study(args.kind, args)
+    except (StudyError, DataError, ConnectionError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
