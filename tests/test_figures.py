@@ -178,9 +178,9 @@ def test_figure4_is_the_first_epoch_of_each_trajectory(smoke):
     longest = {r.data.params["srm"]: r for r in children.values() if float(r.data.params["epochs"]) == 2}
     for ax in axes:
         lines = lines_by_label(ax)
-        assert set(lines) == {"srm=none", "srm=pool1"}
+        assert set(lines) == {"none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"}  # trajectories named `srm lr seed`
         for label, (x, y) in lines.items():
-            run = longest[label.split("=")[1]]
+            run = longest[label.split()[0]]
             history = sorted(c.get_metric_history(run.info.run_id, ax.get_title()), key=lambda m: m.step)
             epochs = sorted(c.get_metric_history(run.info.run_id, "epoch"), key=lambda m: m.step)
             expected = [(e.value, h.value) for e, h in zip(epochs, history) if e.value <= 1]
