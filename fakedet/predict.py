@@ -147,7 +147,7 @@ def _load_model(args: argparse.Namespace) -> nn.Module:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from fakedet.data.decode import DecodeOptions, Skip, decode_image
+    from fakedet.data.decode import DecodeOptions, Skip, decode_image, read_image_file
 
     path = args.checkpoint if args.checkpoint is not None else args.reference_checkpoint
     if args.reference_checkpoint is not None and args.srm is None:
@@ -175,12 +175,11 @@ def run_predict(args: argparse.Namespace) -> int:
     for start in range(0, len(args.images), args.batch_size):
         names, arrays = [], []
         for name in args.images[start : start + args.batch_size]:
-            try:
-                arrays.append(decode_image(Path(name).read_bytes(), opts))
-            except (Skip, OSError) as e:
+            try:  # regular files only, size-bounded: a FIFO or /dev/zero is refused, not read
+                arrays.append(decode_image(read_image_file(name, opts), opts))
+            except Skip as e:
                 failed += 1
-                reason = str(e) if isinstance(e, Skip) else f"cannot read: {e.strerror or e}"
-                print(f"fakedet predict: {name}: {reason}", file=sys.stderr)
+                print(f"fakedet predict: {name}: {e}", file=sys.stderr)
                 continue
             names.append(name)
         if names:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fakedet.data.cache as cache_mod
+import fakedet.data.builders as builders_mod
 from fakedet import FAKE, REAL
 from fakedet.data import (
     SET_NAMES,
@@ -131,7 +131,7 @@ def test_unchanged_input_never_decodes_twice(sources, tmp_path, monkeypatch):
     def no_decoding(*a, **k):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(cache_mod, "decode_files", no_decoding)
+    monkeypatch.setattr(builders_mod, "decode_files", no_decoding)
     again = _prep(sources, cache)
     assert again["cache_hash"] == first["cache_hash"]
     assert json.loads((cache / "manifest.json").read_text()) == before  # not even rewritten
@@ -147,13 +147,13 @@ def test_changed_file_rebuilds_only_its_unit(sources, tmp_path, monkeypatch):
     victim = sources / "cifake" / "test" / "FAKE" / "0 (2).jpg"
     victim.write_bytes((sources / "cifake" / "test" / "REAL" / "0000.jpg").read_bytes())
     calls = []
-    real = cache_mod.decode_files
+    real = builders_mod.decode_files
 
     def spy(root, relpaths, *a, **k):
         calls.append((Path(root).name, len(relpaths)))
         return real(root, relpaths, *a, **k)
 
-    monkeypatch.setattr(cache_mod, "decode_files", spy)
+    monkeypatch.setattr(builders_mod, "decode_files", spy)
     second = _prep(sources, cache)
     assert calls == [("cifake", 2 * SIZES["tiny"].cifake_test)]  # cifake/test alone
     assert second["cache_hash"] != first["cache_hash"]
@@ -235,7 +235,7 @@ def test_crash_leaves_no_half_cache(sources, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "decode_files", boom)
+    monkeypatch.setattr(builders_mod, "decode_files", boom)
     with pytest.raises(KeyboardInterrupt):
         _prep(sources, cache, options=PrepareOptions(resize="box"))
     assert read_manifest(cache)["cache_hash"] == good["cache_hash"]  # the old cache, intact
@@ -314,3 +314,83 @@ def test_data_option_helper(tiny_root, tiny_cache):
     assert resolve_data_args(args, show_progress=False) == tiny_cache
     args = parser.parse_args(["--data", str(tiny_cache)])
     assert resolve_data_args(args) == tiny_cache
+
+
+@pytest.mark.timeout(300)
+def test_prepare_lists_special_files_as_skipped_and_never_hangs(sources, tmp_path):
+    # a FIFO named like an image used to hang `fakedet prepare` for ever, holding the cache lock;
+    # a link to /dev/zero to exhaust memory; a dangling link to abort the whole prepare
+    from test_data_files import special_files
+
+    expected = {f"test/real/{k}": v for k, v in special_files(sources / "agiri" / "test" / "real").items()}
+    os.mkfifo(sources / "cifake" / "train" / "REAL" / "0 fifo.jpg")  # sorts first: the JPEG quality probe meets it
+    cmd = [sys.executable, "-m", "fakedet", "prepare", "--sources", str(sources), "--cache", str(tmp_path / "cache"),
+           "--no-download", "--workers", "0", "--quiet"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    m = read_manifest(tmp_path / "cache")
+    skipped = {s["path"]: s["reason"] for s in m["datasets"]["agiri"]["test"]["skipped"]}
+    for path, reason in expected.items():
+        assert reason in skipped[path], (path, skipped.get(path))
+    cifake = {s["path"]: s["reason"] for s in m["datasets"]["cifake"]["train"]["skipped"]}
+    assert cifake == {"train/REAL/0 fifo.jpg": "not a regular file: a FIFO (named pipe)"}
+    assert m["datasets"]["cifake"]["jpeg_quality_estimate"] == 90  # from the next file
+    assert len(load_splits(tmp_path / "cache")["agiri_test"]) == 2 * SIZES["tiny"].agiri_test
+
+
+def test_current_cache_is_used_without_the_writers_lock(sources, tmp_path, monkeypatch):
+    import fakedet.data.build as build_mod
+
+    cache = tmp_path / "cache"
+    first = _prep(sources, cache)
+    (cache / ".lock").unlink()
+
+    def no_lock(path, what):
+        raise AssertionError(f"took the writers' lock {path} ({what})")
+
+    monkeypatch.setattr(build_mod, "writer_lock", no_lock)
+    assert _prep(sources, cache) == first
+    assert not (cache / ".lock").exists()
+
+    # out of date and not writable: one line saying so, not "[Errno 30] Read-only file system"
+    def read_only(path, what):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(build_mod, "writer_lock", read_only)
+    with pytest.raises(CacheError, match=r"cannot write here \(Read-only file system\), and the cache is not current"):
+        _prep(sources, cache, options=PrepareOptions(val_fraction=0.2))
+    assert read_manifest(cache) == first
+
+
+def _can_mount_read_only(folder: Path) -> bool:
+    probe = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && ! touch "$1/probe" 2>/dev/null'
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", probe, "sh", str(folder)], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(300)
+def test_read_only_store(tiny_root, tmp_path):
+    # The tiny stand-in's store, bind-mounted read-only in a private mount namespace (root ignores
+    # file modes, not a read-only mount): writes fail with EROFS, as on a shared read-only store.
+    if not _can_mount_read_only(tmp_path):
+        pytest.skip("needs `unshare -m` and mount (CAP_SYS_ADMIN) for a read-only bind mount")
+    code = (
+        "import sys; from fakedet.data import PrepareOptions, resolve_data, load_splits, cache_hash, DataError\n"
+        "p = resolve_data('synthetic', sys.argv[1], size='tiny', show_progress=False)\n"
+        "print(len(load_splits(p)), cache_hash(p))\n"
+        "try:\n"
+        "    resolve_data('synthetic', sys.argv[1], size='tiny', options=PrepareOptions(seed=1), show_progress=False)\n"
+        "except DataError as e:\n"
+        "    print('error:', e)\n"
+    )
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    run = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(tiny_root), sys.executable, "-c", code, str(tiny_root)],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = run.stdout.splitlines()
+    assert first == f"{len(SET_NAMES)} {cache_hash(tiny_root / 'synthetic-tiny' / 'cache')}"
+    assert "cannot write here (Read-only file system), and the cache is not current" in second

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,88 @@ def test_bad_contents_are_layout_errors(tmp_path):
     )
     with pytest.raises(LayoutError, match="key 'fine_labels'"):
         c100.read_split(root, "test")
+
+
+class _Declared:
+    """Pickles as numpy's array reconstruction with a declared shape and no data after it."""
+
+    def __init__(self, shape: tuple[int, ...], state: tuple | None = None) -> None:
+        self.shape, self.state = shape, state
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, self.shape, b"B"), *([self.state] if self.state else []))
+
+
+class _DirectNdarray:
+    def __reduce__(self):
+        return (np.ndarray, ((500_000, 3072), np.dtype(np.uint8)))
+
+
+def test_small_pickle_declaring_a_huge_array_is_refused_at_once(tmp_path):
+    # 245 bytes that the previous reader accepted as 500,000 images (1.5 GB of unfilled memory read
+    # back, 3.5 GB RSS through prepare): numpy's pickles always declare (0,) and fill in from the file
+    root = write_cifar100(tmp_path)
+    n = 500_000
+    routes = {
+        "declared shape": {b"data": _Declared((n, 3072)), b"fine_labels": _Declared((n,)), b"coarse_labels": _Declared((n,))},
+        "direct ndarray call": {b"data": _DirectNdarray(), b"fine_labels": [0], b"coarse_labels": [0]},
+    }  # fmt: skip
+    for what, blob in routes.items():
+        raw = pickle.dumps(blob, protocol=2)
+        assert len(raw) < 400, what
+        (root / "test").write_bytes(raw)
+        with pytest.raises(UnsafePickleError, match=r"/test: refused: (an array declared with shape|a direct numpy)"):
+            c100.read_split(root, "test")
+
+
+def test_declared_sizes_must_match_the_bytes_in_the_file(tmp_path):
+    root = write_cifar100(tmp_path)
+    # an honest (0,) declaration whose filled-in state claims 500,000 rows from 3 kB of bytes: numpy
+    # compares the byte count before it allocates, and the error is one line
+    state = (1, (500_000, 3072), np.dtype(np.uint8), False, bytes(3072))
+    (root / "test").write_bytes(
+        pickle.dumps({b"data": _Declared((0,), state), b"fine_labels": [0], b"coarse_labels": [0]}, protocol=2)
+    )
+    with pytest.raises(LayoutError, match=r"/test: not a readable CIFAR-100 pickle, truncated or corrupt \(ValueError"):
+        c100.read_split(root, "test")
+
+
+def test_labels_must_be_lists_of_ints(tmp_path):
+    root = write_cifar100(tmp_path)
+    data = np.zeros((3, 3072), np.uint8)
+    row = list(range(1000))
+    cases = [
+        np.zeros(3, np.int64),  # arrays may declare any size: CIFAR's labels are lists
+        [row, row, row],  # memo references: 3 entries in the file, 3,000 numbers once read
+        [b"a", b"b", b"c"],
+    ]
+    for labels in cases:
+        blob = {b"data": data, b"fine_labels": labels, b"coarse_labels": [0, 0, 0]}
+        (root / "test").write_bytes(pickle.dumps(blob, protocol=2))
+        with pytest.raises(LayoutError, match="fine_labels must be a list of ints"):
+            c100.read_split(root, "test")
+    name = b"x" * 10_000  # one long name referenced by every row: refused before it is decoded N times
+    blob = {b"data": data, b"fine_labels": [0] * 3, b"coarse_labels": [0] * 3, b"filenames": [name] * 3}
+    (root / "test").write_bytes(pickle.dumps(blob, protocol=2))
+    with pytest.raises(LayoutError, match="filenames must be a list of names of at most 255 characters"):
+        c100.read_split(root, "test")
+
+
+def test_truncated_pickle_is_a_one_line_error(tmp_path):
+    root = write_cifar100(tmp_path / "c")
+    raw = (root / "test").read_bytes()
+    (root / "test").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(LayoutError, match=r"/test: not a readable CIFAR-100 pickle, truncated or corrupt"):
+        c100.read_split(root, "test")
+    # as a user meets it: `fakedet prepare` exits 2 with that line, no traceback
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "fakedet", "prepare", "--cifar100", str(root), "--only", "cifar100",
+           "--cache", str(tmp_path / "cache"), "--no-download", "--quiet"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "truncated or corrupt" in errors[0], run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.rstrip().splitlines()[-1] == errors[0]
+    assert not (tmp_path / "cache" / "manifest.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -16,6 +17,7 @@ from fakedet.data.decode import (
     decode_files,
     decode_image,
     is_image_name,
+    jpeg_buffered_mode,
 )
 
 OPTS = DecodeOptions()
@@ -129,6 +131,77 @@ def test_large_jpeg_decoded_in_draft_mode_not_refused(tmp_path):
     png = _save(tmp_path / "big.png", big, "PNG")
     with pytest.raises(Skip, match="only JPEG can be decoded at reduced size"):
         _decode_one(png, small_budget)
+
+
+def _jpeg(progressive: bool = False, side: int = 64) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(6).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, progressive=progressive)
+    return buf.getvalue()
+
+
+def _declare_size(jpeg: bytes, w: int, h: int) -> bytes:
+    """The same file with its frame header (SOF0 or SOF2) declaring w×h: the scan data stay small."""
+    b = bytearray(jpeg)
+    i = next(b.find(m) for m in (b"\xff\xc2", b"\xff\xc0") if b.find(m) >= 0)
+    b[i + 5 : i + 9] = struct.pack(">HH", h, w)
+    return bytes(b)
+
+
+def _first_scan_one_component(jpeg: bytes) -> bytes:
+    """A sequential JPEG whose first scan holds the luminance alone (non-interleaved), as multi-scan
+    encoders write them: libjpeg then buffers the whole image too (jdinput.c, has_multiple_scans)."""
+    b = bytearray(jpeg)
+    i = b.find(b"\xff\xda")
+    assert b[i + 4] == 3  # Ns: the scan held Y, Cb, Cr
+    b[i + 2 : i + 5] = struct.pack(">HB", 8, 1)  # Ls = 6 + 2·Ns
+    del b[i + 7 : i + 11]  # the Cb and Cr selectors
+    return bytes(b)
+
+
+def test_jpeg_buffered_mode_from_the_headers():
+    assert jpeg_buffered_mode(_jpeg()) is None
+    assert jpeg_buffered_mode(_jpeg(progressive=True)) == "progressive"
+    assert jpeg_buffered_mode(_first_scan_one_component(_jpeg())) == "multi-scan"
+    grey = io.BytesIO()
+    Image.new("L", (40, 40), 7).save(grey, "JPEG")  # one component, one scan: sequential
+    assert jpeg_buffered_mode(grey.getvalue()) is None
+
+
+def test_progressive_jpeg_bomb_refused_at_its_full_size():
+    # ~4 kB declaring 24000×24000: in draft mode libjpeg still allocates the full-size coefficient
+    # buffers of a progressive (or multi-scan) file; measured before this guard: 1.7 GiB peak RSS
+    for data, kind in ((_declare_size(_jpeg(True), 24_000, 24_000), "progressive"),
+                       (_first_scan_one_component(_declare_size(_jpeg(), 24_000, 24_000)), "multi-scan")):  # fmt: skip
+        assert len(data) < 10_000
+        for opts in (OPTS, DecodeOptions(jpeg_draft=True)):
+            with pytest.raises(Skip, match=rf"24000×24000 = 576,000,000 px exceeds max_pixels .*a {kind} JPEG"):
+                decode_image(data, opts)
+
+
+def test_progressive_jpeg_over_a_lowered_limit_is_skipped_baseline_drafted():
+    small_budget = DecodeOptions(max_pixels=10_000)  # 400×400 = 160k px: 16× over budget
+    assert decode_image(_jpeg(progressive=False, side=400), small_budget).shape == (32, 32, 3)  # draft 1/4
+    with pytest.raises(Skip, match="a progressive JPEG"):
+        decode_image(_jpeg(progressive=True, side=400), small_budget)
+    # within the limit a progressive JPEG decodes as any other
+    assert decode_image(_jpeg(progressive=True, side=96), small_budget).shape == (32, 32, 3)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_special_files_are_skipped_with_reasons_not_opened(tmp_path, workers):
+    from test_data_files import special_files
+
+    expected = special_files(tmp_path)
+    (tmp_path / "ok.jpg").write_bytes(_jpeg())
+    names = sorted([*expected, "ok.jpg"])
+    d = decode_files(tmp_path, names, OPTS, workers=workers, chunk_size=2, show_progress=False)
+    skipped = {names[i]: why for i, why in d.skipped}
+    assert set(skipped) == set(expected)
+    for name, fragment in expected.items():
+        assert fragment in skipped[name], (name, skipped[name])
+    assert [names[i] for i in d.kept] == ["ok.jpg"]
 
 
 def _tree(tmp_path: Path) -> tuple[Path, list[str], dict[str, str]]:

@@ -85,11 +85,16 @@ def setup(tmp_path_factory):
     save_checkpoint(ours, build_model(srm="both"), {"arch": "cifar_cnn", "srm": "both"})
 
     good = [str(p) for p in images if p.name not in UNREADABLE]
+    from test_data_files import special_files
+
+    special = {str(root / "special" / k): v for k, v in special_files(root / "special").items()}
     invocations = {
         # batches of 3 cross the unreadable files: order and chunking are both exercised
         "reference": ["--reference-checkpoint", str(reference), "--srm", "pool1", "--batch-size", "3", *map(str, images)],
         "fakedet": ["--checkpoint", str(ours), "--device", "cpu", *good],
         "missing": ["--checkpoint", str(root / "nowhere.pt"), *good[:1]],
+        # a FIFO, /dev/zero, a dangling link, a directory: each one line on stderr, never a hang
+        "special": ["--checkpoint", str(ours), "--device", "cpu", *special, good[0]],
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     procs = {
@@ -100,10 +105,15 @@ def setup(tmp_path_factory):
         for key, args in invocations.items()
     }
     runs = {}
-    for key, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        runs[key] = Run(invocations[key], proc.returncode, out, err)
-    return {"images": images, "good": good, "reference": reference, "fakedet": ours, "runs": runs}
+    try:
+        for key, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            runs[key] = Run(invocations[key], proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()  # a hung invocation fails its test, and is not left behind
+    return {"images": images, "good": good, "reference": reference, "fakedet": ours, "runs": runs, "special": special}
 
 
 def decoded(paths: list[str]) -> np.ndarray:
@@ -133,6 +143,17 @@ def test_unreadable_files_are_reported_and_skipped(setup):
     assert len(missing) == 1 and "No such file" in missing[0]
     assert any("2 of 9 images could not be read" in line for line in lines)
     assert "Traceback" not in run.stderr
+
+
+def test_special_files_are_one_line_each_never_a_hang(setup):
+    run = setup["runs"]["special"]
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.splitlines()
+    for path, reason in setup["special"].items():
+        said = [line for line in lines if path in line]
+        assert len(said) == 1 and said[0].startswith(f"fakedet predict: {path}: ") and reason in said[0], said
+    assert any("4 of 5 images could not be read" in line for line in lines)
+    assert [r[0] for r in run.rows()[1:]] == [setup["good"][0]] and "Traceback" not in run.stderr
 
 
 def test_fakedet_checkpoint(setup):

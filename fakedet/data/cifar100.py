@@ -8,6 +8,12 @@ Format (https://www.cs.toronto.edu/~kriz/cifar.html): Python 2 pickles of dicts 
 `fine_labels`, `coarse_labels` (lists of int), `filenames`; `meta` holds `fine_label_names` and
 `coarse_label_names`. Read with `encoding="bytes"` the keys are bytes (b'data'); with "latin1"
 (torchvision) they are str. Both are accepted.
+
+Sizes are checked as well as types: a pickle is a program, and a 200-byte one can declare an array
+of any shape. numpy's own pickles build every array empty (`_reconstruct(ndarray, (0,), ...)`) and
+then fill it from bytes that are in the file, so any other declared shape is refused before it is
+allocated; label lists must hold ints, names must be short, and the pixel bytes cannot exceed the
+file. A truncated or corrupt file is a one-line LayoutError, not a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from fakedet.data.errors import LayoutError, UnsafePickleError
+from fakedet.data.files import Unreadable, open_regular
 
 # MD5s of the Toronto release, as torchvision pins them (torchvision/datasets/cifar.py, CIFAR100).
 OFFICIAL_MD5 = {
@@ -31,12 +38,35 @@ OFFICIAL_MD5 = {
 }
 
 
+URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+MAX_NAME_CHARS = 255  # a file or class name; CIFAR's are ~20 (e.g. "volcano_s_000012.png")
+
+
+class _NdarrayName:
+    """What the name numpy.ndarray stands for in these pickles: numpy passes it to _reconstruct only.
+    Called directly it would allocate an array of any declared shape, unfilled: refused."""
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        raise UnsafePickleError("refused: a direct numpy.ndarray(...) call (numpy's own pickles never make one)")
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayName()
+
+
 def _reconstruct(subtype, shape, dtype):  # noqa: ANN001 - pickle protocol signature
-    # numpy's array pickles call _reconstruct(ndarray, (0,), b"b"); refuse any other class, whose
-    # __setstate__ could be anything
-    if subtype is not np.ndarray:
+    # numpy's array pickles call _reconstruct(ndarray, (0,), b"b") and fill the array from the
+    # pickle's bytes (BUILD; numpy checks the byte count). Refuse any other class, whose
+    # __setstate__ could be anything, and any other shape, which would allocate before a check.
+    if subtype is not _NDARRAY:
         raise UnsafePickleError(f"refused: array reconstruction of {subtype!r} (only numpy.ndarray is admitted)")
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
+    if tuple(shape) != (0,):
+        raise UnsafePickleError(
+            f"refused: an array declared with shape {tuple(shape)!r} before its data (numpy's pickles declare (0,))"
+        )
+    return np.ndarray.__new__(np.ndarray, (0,), dtype)
 
 
 def _codecs_encode(text, encoding="utf-8"):  # noqa: ANN001
@@ -73,7 +103,7 @@ _ADMITTED = {
     ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _codecs_encode,
 }
@@ -92,7 +122,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"{self._source}: refused to unpickle {module}.{name}. CIFAR-100 pickles hold only dicts, "
                 f"lists, bytes, ints and numpy arrays; this file asks for something else, so it is not a "
                 f"CIFAR-100 file or it has been tampered with. Nothing in it was executed. Replace it with "
-                f"the official files (https://www.cs.toronto.edu/~kriz/cifar.html)."
+                f"the official files ({URL})."
             ) from None
 
     def persistent_load(self, pid):  # noqa: ANN001, ANN201
@@ -100,10 +130,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def safe_load(path: str | Path) -> object:
-    """Unpickle a CIFAR pickle; anything but containers, bytes, numbers and arrays raises UnsafePickleError."""
+    """Unpickle a CIFAR pickle; anything but containers, bytes, numbers and arrays raises UnsafePickleError,
+    a file that is not a regular file, truncated or corrupt a LayoutError."""
     path = Path(path)
-    with open(path, "rb") as f:
-        obj = _RestrictedUnpickler(f, str(path)).load()
+    try:
+        with open_regular(path) as f:
+            obj = _RestrictedUnpickler(f, str(path)).load()
+    except UnsafePickleError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise UnsafePickleError(f"{path}: {e}") from None
+    except Unreadable as e:
+        raise LayoutError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a broken pickle raises whatever the opcode it stops at raises
+        raise LayoutError(
+            f"{path}: not a readable CIFAR-100 pickle, truncated or corrupt ({type(e).__name__}: {e}); "
+            f"replace it with the official files ({URL})"
+        ) from None
     for arr in _arrays(obj):
         if arr.dtype.hasobject:
             raise UnsafePickleError(f"{path}: refused an object array (CIFAR-100 arrays are uint8)")
@@ -136,11 +179,33 @@ def _text(x: bytes | str) -> str:
     return x.decode("latin1") if isinstance(x, bytes) else str(x)
 
 
+def _names(seq: object, path: Path, what: str) -> list[str]:
+    # each name is checked before it is decoded: a pickle can reference one large string many times
+    if not isinstance(seq, (list, tuple)) or not all(
+        isinstance(x, (bytes, str)) and len(x) <= MAX_NAME_CHARS for x in seq
+    ):
+        raise LayoutError(f"{path}: {what} must be a list of names of at most {MAX_NAME_CHARS} characters")
+    return [_text(x) for x in seq]
+
+
+def _labels(seq: object, path: Path, what: str) -> np.ndarray:
+    # a list of ints as CIFAR holds them (numpy ints in some re-pickles); an array or nested lists
+    # could stand for far more numbers than the file holds
+    if not isinstance(seq, (list, tuple)) or not all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in seq
+    ):
+        raise LayoutError(f"{path}: {what} must be a list of ints, got {type(seq).__name__}")
+    return np.asarray(seq, dtype=np.int64)
+
+
 def md5_of(path: Path) -> str:
     h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open_regular(path) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except Unreadable as e:
+        raise LayoutError(f"{path}: {e}") from None
     return h.hexdigest()
 
 
@@ -161,8 +226,8 @@ def read_meta(root: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
         raise LayoutError(
             f"{path}: expected a dict with fine_label_names and coarse_label_names, got {type(meta).__name__}"
         )
-    fine = tuple(_text(x) for x in _key(meta, "fine_label_names", path))
-    coarse = tuple(_text(x) for x in _key(meta, "coarse_label_names", path))
+    fine = tuple(_names(_key(meta, "fine_label_names", path), path, "fine_label_names"))
+    coarse = tuple(_names(_key(meta, "coarse_label_names", path), path, "coarse_label_names"))
     if len(fine) == 0 or len(coarse) == 0:
         raise LayoutError(f"{path}: empty label name lists (fine {len(fine)}, coarse {len(coarse)})")
     return fine, coarse
@@ -173,17 +238,21 @@ def read_split(root: Path, split: str) -> Cifar100Split:
     d = safe_load(path)
     if not isinstance(d, dict):
         raise LayoutError(f"{path}: expected a dict with data, fine_labels, coarse_labels, got {type(d).__name__}")
-    data = np.asarray(_key(d, "data", path))
-    fine = np.asarray(_key(d, "fine_labels", path), dtype=np.int64)
-    coarse = np.asarray(_key(d, "coarse_labels", path), dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise LayoutError(
-            f"{path}: 'data' must be uint8 N×3072 (channel-planar 32×32 RGB), got {data.dtype} {data.shape}"
-        )
+    data = _key(d, "data", path)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise LayoutError(f"{path}: 'data' must be uint8 N×3072 (channel-planar 32×32 RGB), got {got}")
+    size = path.stat().st_size
+    if data.nbytes > size:  # every pixel is a byte of the file (numpy's pickles store them raw)
+        raise LayoutError(f"{path}: 'data' declares {data.nbytes:,} bytes of pixels, the file holds {size:,}")
+    fine = _labels(_key(d, "fine_labels", path), path, "fine_labels")
+    coarse = _labels(_key(d, "coarse_labels", path), path, "coarse_labels")
     if not (len(fine) == len(coarse) == len(data)):
         raise LayoutError(f"{path}: {len(data)} images but {len(fine)} fine and {len(coarse)} coarse labels")
     names = d.get(b"filenames", d.get("filenames"))
-    filenames = [_text(x) for x in names] if names is not None and len(names) == len(data) else [""] * len(data)
+    filenames = _names(names, path, "filenames") if names is not None else []
+    if len(filenames) != len(data):
+        filenames = [""] * len(data)
     md5 = md5_of(path)
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return Cifar100Split(

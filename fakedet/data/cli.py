@@ -7,9 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-from fakedet.data.cache import PrepareOptions, prepare
+from fakedet.data.build import prepare
 from fakedet.data.decode import RESIZE_METHODS
 from fakedet.data.errors import DataError
+from fakedet.data.options import PrepareOptions
 from fakedet.data.sources import DATASETS, SOURCES
 from fakedet.data.synthetic import SIZES
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
+from fakedet.data.files import Unreadable, read_bounded
+
 SIZE = 32  # every set is N×32×32×3 (fakedet.arrays.IMAGE_SHAPE)
 
 # Files considered images, by extension (lower case). Anything else under a class folder
@@ -53,9 +55,11 @@ class DecodeOptions:
     how CIFAKE's fakes were downsampled (study, section 2) and does not sharpen."""
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
     """Decompression-bomb guard: the most pixels we let a decoder allocate for one image. The default
-    is Pillow's own warning threshold (~89.5 MP, 268 MB as RGB). JPEGs above it are decoded in
-    draft mode (DCT-domain downscaling by 2, 4 or 8) so honest large photos still load; other
-    formats above it are skipped with the reason."""
+    is Pillow's own warning threshold (~89.5 MP, 268 MB as RGB). Baseline JPEGs above it are decoded
+    in draft mode (DCT-domain downscaling by 2, 4 or 8) so honest large photos still load; other
+    formats above it are skipped with the reason, and so are progressive and multi-scan JPEGs:
+    libjpeg keeps their coefficients at full size whatever the scale (a 4 kB progressive file
+    declaring 24000×24000 peaked at 1.7 GiB in draft mode), so the guard applies to their full size."""
     max_file_bytes: int = 256 * 2**20
     """Files larger than this are skipped unread (a 32-px target never needs them)."""
     jpeg_draft: bool = False
@@ -78,6 +82,55 @@ class Skip(Exception):
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def read_image_file(path: str | Path, opts: DecodeOptions) -> bytes:
+    """The bytes of an image file, or `Skip(reason)`: a regular file (after symlinks) of at most
+    `opts.max_file_bytes`; FIFOs, devices, directories and dangling links are refused unopened."""
+    try:
+        return read_bounded(path, opts.max_file_bytes)
+    except Unreadable as e:
+        raise Skip(str(e)) from None
+
+
+# Start-of-frame markers (ITU T.81 table B.1; C4, C8 and CC are other segments) and those of them
+# that start a progressive frame.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+def jpeg_buffered_mode(data: bytes) -> str | None:
+    """Why libjpeg must hold this JPEG's coefficients whole, at full size whatever the draft scale:
+    "progressive" or "multi-scan"; None when it decodes row by row.
+
+    libjpeg's rule (jdinput.c, `has_multiple_scans`): a progressive frame, or a first scan holding
+    fewer components than the frame. Only the headers up to the first scan are read.
+    """
+    pos, n = 2, len(data)  # after SOI
+    frame_components, progressive = None, False
+    while pos + 1 < n:
+        if data[pos] != 0xFF:  # stray bytes between segments: skipped, as Pillow and libjpeg do
+            pos += 1
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x00, 0x01, 0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        if pos + 4 > n:
+            break
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF and frame_components is None and pos + 9 < n:
+            frame_components, progressive = data[pos + 9], marker in _PROGRESSIVE_SOF
+        elif marker == 0xDA:  # start of scan: its component count follows the length
+            if progressive:
+                return "progressive"
+            scan_components = data[pos + 4] if pos + 4 < n else 0
+            return "multi-scan" if frame_components is not None and scan_components < frame_components else None
+        pos += 2 + length
+    return "progressive" if progressive else None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -140,6 +193,11 @@ def decode_image(data: bytes, opts: DecodeOptions) -> np.ndarray:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)  # animated GIF/WebP/multi-page TIFF: the first frame
         pixels = w * h
+        if im.format == "JPEG" and pixels > opts.max_pixels and (buffered := jpeg_buffered_mode(data)):
+            raise Skip(
+                f"decompression-bomb guard: {w}×{h} = {pixels:,} px exceeds max_pixels {opts.max_pixels:,} "
+                f"(a {buffered} JPEG: libjpeg holds it at full size even when decoding at reduced size)"
+            )
         if im.format == "JPEG":
             # draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale: memory and time fall by up to
             # 64×, so a 200 MP photo costs what a 3 MP one does. The least reduction that fits the
@@ -204,19 +262,10 @@ def _decode_chunk(root: str, relpaths: Sequence[str], opts: DecodeOptions) -> tu
     reasons: list[str | None] = []
     digests: list[str] = []
     for i, rel in enumerate(relpaths):
-        path = os.path.join(root, rel)
         try:
-            size = os.path.getsize(path)
-            if size > opts.max_file_bytes:
-                raise Skip(f"file of {size:,} bytes exceeds max_file_bytes {opts.max_file_bytes:,}")
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_image_file(os.path.join(root, rel), opts)
         except Skip as e:
             reasons.append(str(e))
-            digests.append("")
-            continue
-        except OSError as e:
-            reasons.append(f"cannot read: {e.strerror or e}")
             digests.append("")
             continue
         digests.append(hashlib.sha1(data).hexdigest())

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from fakedet.data.cache import PrepareOptions, file_lock, prepare
+from fakedet.data.build import prepare
+from fakedet.data.options import PrepareOptions
 from fakedet.data.sources import DATASETS
 from fakedet.data.synthetic import SIZES, make_synthetic
+from fakedet.data.units import writer_lock
 
 SPEC_HELP = (
     "'synthetic' (the built-in stand-in, generated on first use), 'kaggle' (download the pinned "
@@ -46,7 +48,7 @@ def resolve_data(
         sources = cache_root / name / "sources"
         cache = cache_root / name / "cache"
         if not (sources / "STANDIN.json").is_file():
-            with file_lock(cache_root / f".{name}.lock", f"generating the {size} stand-in"):
+            with writer_lock(cache_root / f".{name}.lock", f"generating the {size} stand-in"):
                 make_synthetic(sources, size, seed, show_progress=show_progress)  # no-op if another process made it
         return _prepared(cache, {ds: sources / ds for ds in DATASETS}, options, show_progress, allow_download=False)
     if spec == "kaggle":

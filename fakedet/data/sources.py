@@ -150,6 +150,8 @@ class Listing:
     """The image files of one split of an image-folder dataset, sorted by relative path."""
 
     relpaths: list[str]
+    """Every entry named like an image, whatever it is: FIFOs, devices, dangling symlinks and
+    directories included, so that decoding lists each of those as skipped, with the reason."""
     labels: np.ndarray
     ignored: list[str]
     """Files that are not images by extension (.DS_Store, ...), relative to the dataset root."""
@@ -167,6 +169,8 @@ def list_split(name: str, root: Path, split: str) -> Listing:
             for fn in sorted(filenames):
                 rel = f"{rel_dir}/{fn}"
                 (rows.append((rel, label)) if is_image_name(fn) else ignored.append(rel))
+            # a directory named like an image (walked into all the same, unless it is a symlink)
+            rows += [(f"{rel_dir}/{d}", label) for d in dirnames if is_image_name(d)]
     # files lying next to the class folders (e.g. train/.DS_Store) are ignored too, and said so
     split_dir = root / split
     ignored += sorted(f"{split}/{p.name}" for p in split_dir.iterdir() if p.is_file())
@@ -183,8 +187,11 @@ def stat_fingerprint(root: Path, relpaths: list[str]) -> str:
     """
     h = hashlib.sha256()
     for rel in relpaths:
-        st = os.stat(root / rel)
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError as e:  # a dangling symlink: decoding will list it as skipped
+            h.update(f"{rel}\0{e.errno}\n".encode())
     return h.hexdigest()
 
 

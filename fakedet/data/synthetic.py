@@ -46,7 +46,7 @@ from PIL import Image
 from fakedet.data.decode import process_context
 
 GENERATOR_VERSION = 1
-MARKER = "STANDIN.json"  # fakedet.data.cache.STANDIN_MARKER
+MARKER = "STANDIN.json"  # fakedet.data.build.STANDIN_MARKER
 
 
 @dataclass(frozen=True)
