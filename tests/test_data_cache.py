@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +115,14 @@ def test_writes_to_a_loaded_set_never_reach_the_cache(tiny_cache):
     assert np.array_equal(load_splits(tiny_cache)["cifake_test"].images[0], before)
 
 
-def test_warm_load_is_fast(tiny_cache):
-    load_splits(tiny_cache)
-    t0 = time.perf_counter()
-    load_splits(tiny_cache)
-    assert time.perf_counter() - t0 < 0.5
+def test_warm_load_maps_the_cache_without_reading_it(tiny_cache):
+    """A later load opens memory maps: no image is read or decoded until a trial touches it (its speed
+    is benchmarks/bench_data.py's figure)."""
+    images = load_splits(tiny_cache)["cifake_train"].images
+    base = images
+    while not isinstance(base, np.memmap) and getattr(base, "base", None) is not None:
+        base = base.base
+    assert isinstance(base, np.memmap) and base.mode in ("r", "c")  # read-only or copy-on-write
 
 
 def test_unchanged_input_never_decodes_twice(sources, tmp_path, monkeypatch):
