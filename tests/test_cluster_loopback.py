@@ -1,9 +1,11 @@
-"""The cluster path on one machine, with the real parts: PostgreSQL, `mlflow server` on it, a Ray head
-and a second Ray node (`ray start`, token auth), all on 127.0.0.1; the smoke ablation joined to them.
+"""The cluster path on one machine, with the real parts: PostgreSQL, `mlflow server` on it with basic
+auth, a Ray head and a second Ray node (`ray start`, token auth), all on 127.0.0.1; the smoke ablation
+joined to them, signed in to MLflow as the sweeps' user.
 
-The same code as `python cluster/loopback.py`; cluster/loopback.py says how each part is started, how
-its processes are found and stopped, and what is checked. Skipped where PostgreSQL's server programs
-or psycopg2 are missing; CI installs both.
+The same code as `python cluster/loopback.py`; cluster/loopback_cluster.py says how each part is
+started, cluster/supervise.py how its processes are found and stopped, cluster/loopback_checks.py what
+is checked. Skipped where PostgreSQL's server programs, psycopg2 or Flask-WTF (MLflow's basic-auth
+app) are missing; CI installs them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
-from loopback import HOST, LoopbackCluster, alive, loopback_check, missing_requirements
+from loopback_checks import loopback_check
+from loopback_cluster import HOST, LoopbackCluster, missing_requirements
+from supervise import alive
 
 MISSING = missing_requirements()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"loopback cluster: {MISSING}")]
@@ -27,8 +31,10 @@ def test_smoke_ablation_on_a_two_node_loopback_cluster(workspace):
         assert len(set(cluster.node_ids.values())) == 2, cluster.node_ids
         report = loopback_check(cluster, "loopback1", workspace["cache"], sweep_timeout=600)
     started = cluster.all_procs()
-    assert {"postgres", "mlflow", "ray-head", "ray-worker", "sweep-loopback1", "client-wrong-token"} <= {
-        s.name for s in cluster.services}
+    assert {"postgres", "mlflow", "mlflow-create-user", "ray-head", "ray-worker", "sweep-loopback1",
+            "client-wrong-token"} <= {s.name for s in cluster.services}
     assert len(started) > 10, started  # postgres', mlflow's, both Ray nodes' (and their workers'), the sweep's
     assert not [p for p in started if alive(p)]
     assert not report.failures, "\n".join(report.failures)
+    # the authenticated path was the one exercised: refusals seen, not skipped
+    assert sum("(401)" in p for p in report.passed) == 2, report.passed

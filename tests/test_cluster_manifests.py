@@ -13,6 +13,8 @@ from __future__ import annotations
 import configparser
 import copy
 import functools
+import ipaddress
+import json
 import re
 import shlex
 import subprocess
@@ -33,6 +35,12 @@ COMPOSE = CLUSTER / "mlflow" / "docker-compose.yml"
 SHARED = "/mnt/fakedet"  # the shared storage's mount point, the same on every node and pod
 PUBLIC_SERVICE_TYPES = {"LoadBalancer", "NodePort"}
 PRIVATE_PORTS = {6379, 8265, 10001, 5000, 5432}  # GCS, dashboard, Ray Client, MLflow, PostgreSQL
+# The share's folders Ray's containers mount, one by one; its root also holds MLflow's store (mlflow/)
+RAY_SHARED_FOLDERS = {f"{SHARED}/{d}" for d in ("ray_results", "cache", "kagglehub", "optuna", "data")}
+UP_SH = CLUSTER / "mlflow" / "up.sh"
+# where Ray's container on the head finds the driver's MLflow login (the README's `. ~/.fakedet/mlflow-client.env`)
+CLIENT_MOUNT = "/home/ray/.fakedet"
+OPERATOR_CIDR = "REPLACE_WITH_OPERATOR_CIDR"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,6 +261,8 @@ def test_the_expected_files_exist():
         "README.md", "Dockerfile", "Dockerfile.dockerignore", "aws/ray-cluster.yaml", "gcp/ray-cluster.yaml",
         "kuberay/raycluster.yaml", "kuberay/rayjob-ablation.yaml", "kuberay/storage.yaml", "kuberay/mlflow.yaml",
         "mlflow/Dockerfile", "mlflow/basic_auth.ini", "mlflow/docker-compose.yml", "mlflow/up.sh", "mlflow/create_user.py",
+        "aws/head-iam-policy.json", "aws/efs-policy.json", "gcp/head-role.yaml", "gcp/filestore-flags.yaml",
+        "kuberay/ray-networkpolicy.yaml",
     ]
     missing = [f for f in expected if not (CLUSTER / f).is_file()]
     assert not missing
@@ -272,9 +282,11 @@ def test_no_literal_secret_in_any_manifest(path):
 
 
 def test_no_literal_secret_in_scripts_and_docs():
-    # loopback.py is the local test harness: its credentials are generated per run (secrets.token_hex), and
+    # cluster/*.py is the loopback harness: its credentials are generated per run (secrets.token_hex), and
     # its Python (`key=lambda ...`, `token = None`) is not the shell/config text this scan is made for
-    texts = [p for p in CLUSTER.rglob("*") if p.is_file() and p.suffix not in (".yaml", ".yml") and p.name != "loopback.py"]
+    harness = {p for p in CLUSTER.glob("*.py")}
+    assert CLUSTER / "loopback.py" in harness
+    texts = [p for p in CLUSTER.rglob("*") if p.is_file() and p.suffix not in (".yaml", ".yml") and p not in harness]
     found = {str(p.relative_to(ROOT)): literal_secrets_in_text(p.read_text()) for p in texts}
     assert not {k: v for k, v in found.items() if v}
 
@@ -355,11 +367,91 @@ def test_launcher_keeps_ray_ports_private(cloud):
     assert "--dashboard-host=0.0.0.0" not in head_start and "--dashboard-host=127.0.0.1" in head_start
 
 
+def docker_volumes(cfg: dict) -> list[tuple[str, str, str]]:
+    """(host path, container path, options) of every `--volume` in docker.run_options."""
+    found = []
+    for option in cfg["docker"]["run_options"]:
+        m = re.fullmatch(r"(?:--volume|-v)[ =](\S+)", option.strip())
+        if m:
+            host, container, *opts = m.group(1).split(":")
+            found.append((host, container, ",".join(opts)))
+    return found
+
+
+def mount_command(cfg: dict) -> str:
+    (cmd,) = [c for c in cfg["initialization_commands"] if f" {SHARED})" in c and "mount -t" in c]
+    return cmd
+
+
 @pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
 def test_launcher_mounts_shared_storage_everywhere(cloud):
     cfg = load(LAUNCHERS[cloud])[0]
-    assert f"--volume {SHARED}:{SHARED}" in cfg["docker"]["run_options"]
-    assert any(f" {SHARED})" in c and "mount -t nfs" in c for c in cfg["initialization_commands"])
+    shared = {(h, c) for h, c, _ in docker_volumes(cfg) if h.startswith(SHARED)}
+    # the folders Ray's jobs use, at the same path in the container, and not the share's root
+    assert shared == {(d, d) for d in RAY_SHARED_FOLDERS}
+    made = " ".join(c for c in cfg["initialization_commands"] if "install -d -o 1000 -g 100" in c)
+    assert all(d in made.split() for d in RAY_SHARED_FOLDERS), "each mounted folder is created for the `ray` user"
+    assert {"FAKEDET_CACHE=/mnt/fakedet/cache", "KAGGLEHUB_CACHE=/mnt/fakedet/kagglehub"} <= {
+        o.split("--env ", 1)[-1] for o in cfg["docker"]["run_options"]}
+    assert "mount -t nfs" in mount_command(cfg) or "mount -t efs" in mount_command(cfg)
+
+
+def test_aws_mounts_efs_over_tls_and_efs_refuses_clients_without_it():
+    cmd = mount_command(load(LAUNCHERS["aws"])[0])
+    m = re.search(r"mount -t efs -o (\S+) REPLACE_WITH_EFS_ID:/ ", cmd)
+    assert m and "tls" in m.group(1).split(",") and "notls" not in m.group(1)
+    install = " ".join(load(LAUNCHERS["aws"])[0]["initialization_commands"])
+    assert re.search(r"efs-utils.*--branch v\d+\.\d+\.\d+", install), "the EFS client is built from a pinned release"
+    policy = json.loads((CLUSTER / "aws" / "efs-policy.json").read_text())
+    denies = [st for st in policy["Statement"] if st["Effect"] == "Deny"]
+    assert any(st["Action"] == "*" and st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for st in denies)
+    readme = CLUSTER_README.read_text()
+    assert "put-file-system-policy" in readme and "file://cluster/aws/efs-policy.json" in readme
+
+
+# ---------------------------------------------------------------------------------------------------
+# secrets on a `ray up` head: what Ray's containers are given
+# ---------------------------------------------------------------------------------------------------
+def shell_default(script: str, variable: str) -> str:
+    """The default of `variable="${OVERRIDE:-default}"` in a shell script."""
+    m = re.search(rf'^{variable}="\$\{{[A-Z_]+:-([^}}]+)\}}"', script, re.M)
+    assert m, f"{variable}=\"${{...:-...}}\" not found"
+    return m.group(1)
+
+
+def credential_mount_problems(volumes: list[tuple[str, str, str]], server_dir: str, client_dir: str) -> list[str]:
+    """Mounts that would let a Ray job read more than the client's MLflow login."""
+    bad = []
+    for host, container, opts in volumes:
+        host = host.rstrip("/")
+        if server_dir == host or server_dir.startswith(host + "/"):
+            bad.append(f"{host} holds the server's secrets ({server_dir})")
+        if host in (SHARED, f"{SHARED}/mlflow") or host.startswith(f"{SHARED}/mlflow/"):
+            bad.append(f"{host}: the share's root or MLflow's store")
+        if not host.startswith(SHARED) and (host != client_dir or container != CLIENT_MOUNT or "ro" not in opts.split(",")):
+            bad.append(f"{host}:{container}:{opts}: only the client folder, read-only, at {CLIENT_MOUNT}")
+    return bad
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_ray_containers_get_only_the_client_credentials(cloud):
+    cfg = load(LAUNCHERS[cloud])[0]
+    script = UP_SH.read_text()
+    server_dir, client_dir = shell_default(script, "server_dir"), shell_default(script, "client_dir")
+    assert not credential_mount_problems(docker_volumes(cfg), server_dir, client_dir)
+    assert (client_dir, CLIENT_MOUNT, "ro") in docker_volumes(cfg)
+    # the server's secrets: a root-only folder, a file written by root with umask 077
+    assert 'sudo install -d -m 700 -o root -g root "$server_dir"' in script
+    assert "sudo sh -c 'umask 077 && cat >\"$1\"' sh \"$server_env\"" in script
+    assert 'server_env="$server_dir/' in script and 'client_env="$client_dir/' in script
+    # the client file holds the tracking login and nothing else
+    heredoc = re.search(r'sh "\$client_env" <<EOF\n(.*?)\nEOF', script, re.S).group(1)
+    assert [l.split("=", 1)[0] for l in heredoc.splitlines()] == [
+        "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
+    # Compose reads the server file as root; MLflow's store is out of Ray's reach
+    assert 'sudo env "FAKEDET_SHARED=$shared" docker compose' in script and '--env-file "$server_env"' in script
+    assert 'sudo install -d -m 700 -o root -g root "$shared/mlflow"' in script
+    assert f"sudo install -d -m 755 -o root -g root {client_dir}" in cfg["initialization_commands"]
 
 
 @pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
@@ -381,6 +473,171 @@ def test_launcher_shell_commands_are_valid_bash(cloud):
     script = "\n".join(c for k in keys for c in cfg.get(k, []))
     r = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# cloud identities and networks
+# ---------------------------------------------------------------------------------------------------
+AWS_HEAD_POLICY = CLUSTER / "aws" / "head-iam-policy.json"
+GCP_HEAD_ROLE = CLUSTER / "gcp" / "head-role.yaml"
+# What Ray 2.60's AWS node provider calls from the head (ray/autoscaler/_private/aws/node_provider.py:
+# instances.filter, create_instances, create_tags, terminate_instances, describe_instance_types,
+# describe_images), plus reads of the launch's parts; nothing of IAM or S3.
+AWS_HEAD_ACTIONS = {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages", "ec2:DescribeSubnets",
+                    "ec2:DescribeSecurityGroups", "ec2:DescribeKeyPairs", "ec2:RunInstances", "ec2:CreateTags",
+                    "ec2:TerminateInstances"}
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def iam_policy_problems(policy: dict, region: str, tag: tuple[str, str], instance_types: set[str],
+                        security_group: str) -> list[str]:
+    """What makes an autoscaler policy broader than launching, tagging and terminating one cluster's workers."""
+    bad = []
+    for st in policy["Statement"]:
+        if st["Effect"] != "Allow":
+            continue
+        actions, resources = as_list(st["Action"]), as_list(st["Resource"])
+        cond = {k: v for op in st.get("Condition", {}).values() for k, v in op.items()}
+        sid = st.get("Sid", "?")
+        if any("*" in a or a not in AWS_HEAD_ACTIONS for a in actions):
+            bad.append(f"{sid}: actions beyond the autoscaler's: {actions}")
+        if "*" in resources:
+            if not all(a.startswith("ec2:Describe") for a in actions):
+                bad.append(f"{sid}: Resource * for {actions}")
+            if cond.get("aws:RequestedRegion") != region:
+                bad.append(f"{sid}: Resource * in every region")
+            continue
+        if any(f":{region}:" not in r for r in resources):
+            bad.append(f"{sid}: resources outside {region}")
+        on_instances = any(r.endswith(":instance/*") for r in resources)
+        if on_instances and "ec2:RunInstances" in actions:
+            if cond.get(f"aws:RequestTag/{tag[0]}") != tag[1]:
+                bad.append(f"{sid}: launches instances without the cluster's tag")
+            if set(as_list(cond.get("ec2:InstanceType", []))) != instance_types:
+                bad.append(f"{sid}: launches instance types other than {sorted(instance_types)}")
+        if on_instances and {"ec2:TerminateInstances", "ec2:CreateTags"} & set(actions):
+            if cond.get(f"ec2:ResourceTag/{tag[0]}") != tag[1] and cond.get("ec2:CreateAction") != "RunInstances":
+                bad.append(f"{sid}: tags or terminates instances not of this cluster")
+            if "ec2:TerminateInstances" in actions and cond.get(f"ec2:ResourceTag/{tag[0]}") != tag[1]:
+                bad.append(f"{sid}: terminates instances not of this cluster")
+        if any(":security-group/" in r and not r.endswith(f"/{security_group}") for r in resources):
+            bad.append(f"{sid}: launches into other security groups")
+    return bad
+
+
+def aws_cfg() -> dict:
+    return load(LAUNCHERS["aws"])[0]
+
+
+def test_aws_head_policy_allows_only_what_the_autoscaler_needs_for_this_cluster():
+    from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
+
+    cfg = aws_cfg()
+    workers = {t["node_config"]["InstanceType"] for name, t in cfg["available_node_types"].items()
+               if name != cfg["head_node_type"]}
+    (group,) = {g for t in cfg["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]}
+    policy = json.loads(AWS_HEAD_POLICY.read_text())
+    assert not iam_policy_problems(policy, cfg["provider"]["region"], (TAG_RAY_CLUSTER_NAME, cfg["cluster_name"]),
+                                   workers, group)
+    allowed = {a for st in policy["Statement"] if st["Effect"] == "Allow" for a in as_list(st["Action"])}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances"} <= allowed
+    assert not any(a.startswith(("iam:", "s3:")) for a in allowed), "workers have no profile to pass; no S3 is used"
+
+
+def test_aws_only_the_head_has_an_instance_profile():
+    cfg = aws_cfg()
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]["node_config"]
+    # given, so `ray up` does not make ray-autoscaler-v1 (AmazonEC2FullAccess + AmazonS3FullAccess)
+    assert head["IamInstanceProfile"]["Arn"] == "REPLACE_WITH_HEAD_INSTANCE_PROFILE_ARN"
+    assert all("IamInstanceProfile" not in t["node_config"] for n, t in types.items() if n != cfg["head_node_type"])
+    readme = CLUSTER_README.read_text()
+    assert "put-role-policy --role-name fakedet-ray-head" in readme and "head-iam-policy.json" in readme
+
+
+def test_aws_nodes_use_the_operators_group_not_rays_default():
+    cfg = aws_cfg()
+    # Ray's own group always opens SSH to 0.0.0.0/0 (aws/config.py, _create_default_ssh_inbound_rules);
+    # SecurityGroupIds on every node type keep `ray up` from making or using it
+    assert "security_group" not in cfg["provider"]
+    groups = [t["node_config"].get("SecurityGroupIds") for t in cfg["available_node_types"].values()]
+    assert all(g == ["REPLACE_WITH_SECURITY_GROUP_ID"] for g in groups)
+
+
+def readme_command_lines(needle: str) -> list[str]:
+    return [l.strip() for b in markdown_code(CLUSTER_README.read_text()) for l in b.replace("\\\n", " ").splitlines()
+            if needle in l]
+
+
+def network_rule_problems(lines: list[str]) -> list[str]:
+    """Firewall / security-group commands that open more than the cluster to itself and SSH to the operator."""
+    bad = []
+    for line in lines:
+        if re.search(r"0\.0\.0\.0/0|::/0", line):
+            bad.append(f"open to the internet: {line}")
+        cidrs = re.findall(r"--(?:cidr|source-ranges)[ =](\S+)", line)
+        for cidr in cidrs:
+            if cidr != OPERATOR_CIDR:
+                bad.append(f"source range {cidr} (a VPC-wide or public range): {line}")
+        if cidrs and not re.search(r"--port 22\b|--allow=tcp:22\b", line):
+            bad.append(f"an address range may reach more than SSH: {line}")
+        if not cidrs and not re.search(r"--source-group|--source-tags|UserIdGroupPairs", line):
+            bad.append(f"no source: {line}")
+    return bad
+
+
+def test_network_rules_let_in_the_cluster_and_ssh_from_the_operator_only():
+    aws = readme_command_lines("authorize-security-group-ingress")
+    gcp = readme_command_lines("firewall-rules create")
+    assert len(aws) == 3 and len(gcp) == 2
+    assert not network_rule_problems(aws + gcp)
+    assert any("--port 2049 --source-group" in l for l in aws), "EFS answers the nodes' group, not the VPC"
+    assert all("--network=fakedet" in l and "--target-tags=fakedet-ray" in l for l in gcp)
+    assert OPERATOR_CIDR in CLUSTER_README.read_text().split("## Security", 1)[1], "the Security section names it"
+
+
+def gcp_cfg() -> dict:
+    return load(LAUNCHERS["gcp"])[0]
+
+
+def test_gcp_nodes_are_on_the_clusters_network_and_tags():
+    cfg = gcp_cfg()
+    (rule,) = [l for l in readme_command_lines("subnets create fakedet")]
+    subnet = re.search(r"--range=(\S+)", rule).group(1)
+    for t in cfg["available_node_types"].values():
+        node = t["node_config"]
+        (nic,) = node["networkInterfaces"]
+        assert nic["subnetwork"].endswith("/regions/us-central1/subnetworks/fakedet"), "not the default network"
+        assert node["tags"]["items"] == ["fakedet-ray"]
+    flags = load(CLUSTER / "gcp" / "filestore-flags.yaml")[0]["--file-share"]
+    (export,) = flags["nfs-export-options"]
+    assert export["ip-ranges"] == [subnet], "the share answers the cluster's subnet only"
+    assert ipaddress.ip_network(subnet).is_private
+    assert "--network=name=fakedet" in " ".join(readme_command_lines("filestore instances create"))
+
+
+def test_gcp_head_has_a_narrow_service_account_and_workers_none():
+    cfg = gcp_cfg()
+    types = cfg["available_node_types"]
+    (head_sa,) = types[cfg["head_node_type"]]["node_config"]["serviceAccounts"]
+    assert head_sa["email"] == "REPLACE_WITH_HEAD_SERVICE_ACCOUNT_EMAIL"
+    assert head_sa["scopes"] == ["https://www.googleapis.com/auth/compute"]
+    assert all(t["node_config"].get("serviceAccounts") == [] for n, t in types.items() if n != cfg["head_node_type"]), \
+        "workers: no service account (absent would mean the default compute one with its default scopes)"
+    assert cfg["provider"].get("cache_stopped_nodes") is False
+    role = load(GCP_HEAD_ROLE)[0]
+    permissions = set(role["includedPermissions"])
+    assert all(p.startswith("compute.") and "*" not in p for p in permissions)
+    # what Ray's GCP node provider calls (gcp/node.py) and instances.insert checks for the worker config
+    assert {"compute.instances.create", "compute.instances.delete", "compute.instances.list", "compute.instances.get",
+            "compute.instances.setLabels", "compute.zoneOperations.get", "compute.disks.create",
+            "compute.subnetworks.use", "compute.instances.setTags"} <= permissions
+    assert not {"compute.instances.setServiceAccount", "compute.instances.stop", "compute.instances.start"} & permissions
+    readme = CLUSTER_README.read_text()
+    assert "--file=cluster/gcp/head-role.yaml" in readme and "service-accounts disable ray-autoscaler-sa-v1" in readme
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,6 +680,112 @@ def test_only_the_head_gets_mlflow_credentials_and_from_secrets():
         assert "secretKeyRef" in head_env[name]["valueFrom"], name
     for group in spec["workerGroupSpecs"]:
         assert not {"MLFLOW_TRACKING_PASSWORD", "KAGGLE_KEY"} & set(env_of(containers(group["template"])[0]))
+
+
+RAY_POD_LABEL = ("app.kubernetes.io/part-of", "fakedet-ray")
+INIT_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "FOWNER"}  # the shared-folders init container's, and no more
+
+
+def pod_security_problems(template: dict) -> list[str]:
+    """Where a pod template runs as root, can escalate, or keeps capabilities."""
+    spec = template["spec"]
+    pod = spec.get("securityContext") or {}
+    bad = []
+    if pod.get("runAsNonRoot") is not True or not isinstance(pod.get("runAsUser"), int) or pod["runAsUser"] == 0:
+        bad.append("the pod: runAsNonRoot with a numeric, non-zero runAsUser")
+    if (pod.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        bad.append("the pod: seccompProfile RuntimeDefault")
+    for c in spec["containers"] + spec.get("initContainers", []):
+        sc = c.get("securityContext") or {}
+        caps = sc.get("capabilities") or {}
+        if sc.get("allowPrivilegeEscalation") is not False or sc.get("privileged"):
+            bad.append(f"{c['name']}: allowPrivilegeEscalation: false")
+        if caps.get("drop") != ["ALL"]:
+            bad.append(f"{c['name']}: capabilities.drop: [ALL]")
+        root = sc.get("runAsUser") == 0 or sc.get("runAsNonRoot") is False
+        if c in spec["containers"] and (root or caps.get("add")):
+            bad.append(f"{c['name']}: runs as root or adds capabilities")
+        if c in spec.get("initContainers", []) and not set(caps.get("add", [])) <= INIT_CAPABILITIES:
+            bad.append(f"{c['name']}: adds {caps.get('add')}")
+    return bad
+
+
+def ray_templates() -> dict[str, dict]:
+    spec = one("RayCluster")["spec"]
+    return {"head": spec["headGroupSpec"]["template"], **{g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}}
+
+
+def test_every_pod_runs_unprivileged():
+    templates = {**ray_templates(), "mlflow": one("Deployment", "mlflow")["spec"]["template"],
+                 "postgres": one("StatefulSet", "postgres")["spec"]["template"],
+                 "mlflow-create-user": one("Job", "mlflow-create-user")["spec"]["template"]}
+    assert {name: pod_security_problems(t) for name, t in templates.items() if pod_security_problems(t)} == {}
+    # KubeRay's autoscaler sidecar, which KubeRay adds to the head pod
+    sidecar = one("RayCluster")["spec"]["autoscalerOptions"]["securityContext"]
+    assert sidecar["allowPrivilegeEscalation"] is False and sidecar["capabilities"]["drop"] == ["ALL"]
+    # only the head talks to the Kubernetes API (KubeRay's autoscaler sidecar): no token elsewhere
+    tokenless = [t for name, t in templates.items() if name != "head"]
+    assert all(t["spec"].get("automountServiceAccountToken") is False for t in tokenless)
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and not selector.get("matchExpressions")
+
+
+def network_policy_problems(policy: dict) -> list[str]:
+    """Ingress rules that let in anything beyond chosen pods: every source, every namespace, address blocks."""
+    bad = []
+    if "Ingress" not in policy["spec"].get("policyTypes", []):
+        bad.append("no Ingress policy type")
+    for rule in policy["spec"].get("ingress", []):
+        if not rule.get("from"):
+            bad.append("a rule without `from`: every source")
+        for peer in rule.get("from", []):
+            if "ipBlock" in peer:
+                bad.append(f"an ipBlock: {peer['ipBlock']}")
+            if not (peer.get("podSelector") or {}).get("matchLabels"):
+                bad.append(f"every pod of {'every namespace' if 'namespaceSelector' in peer else 'the namespace'}")
+            if "namespaceSelector" in peer and not peer["namespaceSelector"].get("matchLabels"):
+                bad.append("every namespace")
+    return bad
+
+
+def test_ray_pods_answer_their_cluster_the_submitter_and_the_operator_only():
+    policies = {d["metadata"]["name"]: d for d in load(KUBERAY / "ray-networkpolicy.yaml")}
+    assert {n: network_policy_problems(p) for n, p in policies.items() if network_policy_problems(p)} == {}
+    head_labels = {**ray_templates()["head"]["metadata"]["labels"], "ray.io/node-type": "head"}
+    worker_labels = {**ray_templates()["gpu"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+    assert head_labels[RAY_POD_LABEL[0]] == RAY_POD_LABEL[1] == worker_labels[RAY_POD_LABEL[0]]
+    head = policies["fakedet-ray-head"]["spec"]
+    workers = policies["fakedet-ray-workers"]["spec"]
+    assert selects(head["podSelector"], head_labels) and not selects(head["podSelector"], worker_labels)
+    assert selects(workers["podSelector"], worker_labels) and not selects(workers["podSelector"], head_labels)
+    cluster_pods = {"podSelector": {"matchLabels": dict([RAY_POD_LABEL])}}
+    assert workers["ingress"] == [{"from": [cluster_pods]}]
+    (own, submitter, operator) = head["ingress"]
+    assert own == {"from": [cluster_pods]}
+    # the RayJob's submitter pod: KubeRay names the submitter Job after the RayJob
+    assert submitter["from"][0]["podSelector"]["matchLabels"] == {
+        "batch.kubernetes.io/job-name": one("RayJob")["metadata"]["name"]}
+    assert operator["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kuberay-system"}
+    assert "--namespace kuberay-system" in CLUSTER_README.read_text() or "-n kuberay-system" in CLUSTER_README.read_text()
+    for rule in (submitter, operator):
+        assert [p["port"] for p in rule["ports"]] == [8265], "the dashboard's job API, nothing else"
+    assert "kubectl apply -f cluster/kuberay/ray-networkpolicy.yaml" in CLUSTER_README.read_text()
+
+
+def test_mlflow_and_postgres_answer_their_clients_only():
+    policies = {d["metadata"]["name"]: d for d in k8s("NetworkPolicy") if d["metadata"]["name"] in
+                ("mlflow-from-its-clients", "postgres-from-mlflow")}
+    assert len(policies) == 2
+    assert {n: network_policy_problems(p) for n, p in policies.items() if network_policy_problems(p)} == {}
+    (rule,) = policies["mlflow-from-its-clients"]["spec"]["ingress"]
+    sources = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert sources == [{RAY_POD_LABEL[0]: RAY_POD_LABEL[1], "ray.io/node-type": "head"},
+                       {"batch.kubernetes.io/job-name": "mlflow-create-user"}], "not the Ray workers, not the namespace"
+    (rule,) = policies["postgres-from-mlflow"]["spec"]["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [
+        one("Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]]
 
 
 def test_rayjob_runs_the_raycluster_spec_and_cleans_up():
@@ -477,6 +840,9 @@ def test_compose_publishes_nothing_on_all_interfaces():
     for port in services["mlflow"]["ports"]:
         m = re.fullmatch(r"(\$\{[^}]+\}|[0-9.]+):(\d+):(\d+)", str(port))
         assert m and m.group(1) != "0.0.0.0", f"{port}: publish on one address, not on all interfaces"
+    # the driver, MLflow's one client, runs on the head: the head's loopback is enough
+    assert services["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in UP_SH.read_text()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -670,6 +1036,35 @@ def test_checkers_catch_bad_manifests():
     assert not literal_secrets_in_text('export MLFLOW_TRACKING_PASSWORD="$(cat ~/.secret)"')
     assert open_security_group_rules({"security_group": {"IpPermissions": [
         {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}})
+
+
+def test_security_checkers_catch_bad_samples():
+    from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
+
+    tag = (TAG_RAY_CLUSTER_NAME, "fakedet")
+    broad = {"Statement": [
+        {"Effect": "Allow", "Action": "ec2:*", "Resource": "*"},
+        {"Effect": "Allow", "Action": ["ec2:RunInstances"], "Resource": "arn:aws:ec2:us-west-2:*:instance/*"},
+        {"Effect": "Allow", "Action": "ec2:TerminateInstances", "Resource": "arn:aws:ec2:us-west-2:*:instance/*"},
+        {"Effect": "Allow", "Action": "ec2:RunInstances", "Resource": "arn:aws:ec2:us-west-2:*:security-group/*"},
+        {"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::bucket/*"}]}
+    problems = " ".join(iam_policy_problems(broad, "us-west-2", tag, {"g5.xlarge"}, "sg-1"))
+    for what in ("actions beyond", "Resource *", "without the cluster's tag", "instance types other",
+                 "terminates instances not of this cluster", "other security groups"):
+        assert what in problems, what
+    assert network_rule_problems(["aws ec2 authorize-security-group-ingress --group-id x --protocol tcp --port 22 --cidr 0.0.0.0/0"])
+    assert network_rule_problems(["aws ec2 authorize-security-group-ingress --group-id x --protocol tcp --port 2049 --cidr 172.31.0.0/16"])
+    assert network_rule_problems([f"gcloud compute firewall-rules create x --allow=tcp --source-ranges={OPERATOR_CIDR}"])
+    assert not network_rule_problems([f"gcloud compute firewall-rules create x --allow=tcp:22 --source-ranges={OPERATOR_CIDR}"])
+    assert credential_mount_problems([("/home/ubuntu/.fakedet", CLIENT_MOUNT, "ro")], "/home/ubuntu/.fakedet", "/home/ubuntu/.fakedet")
+    assert credential_mount_problems([(SHARED, SHARED, "")], "/etc/fakedet/server", "/etc/fakedet/client")
+    assert credential_mount_problems([("/etc/fakedet/client", CLIENT_MOUNT, "")], "/etc/fakedet/server", "/etc/fakedet/client")
+    root_pod = {"spec": {"containers": [{"name": "c", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}]}}
+    problems = " ".join(pod_security_problems(root_pod))
+    assert "runAsNonRoot" in problems and "allowPrivilegeEscalation" in problems and "drop" in problems
+    open_policy = {"spec": {"policyTypes": ["Ingress"], "ingress": [{}, {"from": [{"namespaceSelector": {}}]},
+                                                                    {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}
+    assert len(network_policy_problems(open_policy)) >= 4
 
 
 def test_checkers_catch_bad_commands():
