@@ -47,7 +47,16 @@ from fakedet.config import TrainConfig
 from fakedet.metrics import score_logits
 from fakedet.models import build_model
 from fakedet.predict import preprocess, resolve_device, uint8_tensor
-from fakedet.train import STATE_FORMAT, BatchSchedule, EvalRecord, TrainResult, _check_resumable, eval_steps, total_steps
+from fakedet.train import (
+    STATE_FORMAT,
+    BatchSchedule,
+    EvalRecord,
+    TrainResult,
+    _check_resumable,
+    _cpu_copy,
+    eval_steps,
+    total_steps,
+)
 
 SHARED_FIELDS = ("arch", "srm", "batch_size", "shuffle", "epochs", "eval_at", "device")
 """Config fields every model of a bundle must share: they fix the network's shape, the steps and the
@@ -174,7 +183,6 @@ def flatten_parameters(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-
 def epoch_order(schedules: Sequence[BatchSchedule], epoch: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
     """Every model's batches of `epoch` as one (K, items) index tensor on the device, and the step offsets.
 
@@ -188,16 +196,6 @@ def epoch_order(schedules: Sequence[BatchSchedule], epoch: int, device: torch.de
     if device.type == "cuda":
         return order.pin_memory().to(device, non_blocking=True), offsets
     return order.to(device), offsets
-
-
-def _cpu_copy(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu_copy(v) for v in obj]
-    return obj
 
 
 def train_bundle(
