@@ -220,7 +220,7 @@ def check_sweep(rest: Rest, name: str, storage: Path, node_ids: dict[str, str], 
     for run in cells:
         rid, tags, params, label = run["info"]["run_id"], _tags(run), _params(run), run["info"]["run_name"]
         epochs = float(params.get("epochs", "nan"))
-        folders = sorted((storage / name).glob(f"*{tags.get('fakedet.trial', '?')}*/checkpoint_*/cell_artifacts/{epochs:g}"))
+        folders = sorted((storage / name).glob(f"*{tags.get('fakedet.trial', '?')}*/checkpoint_*/cell_artifacts/*/{epochs:g}"))
         if not report.check(bool(folders), f"{label}: its artifacts in the trial's checkpoint", "no checkpoint folder"):
             continue
         local = {str(p.relative_to(folders[-1])): p for p in folders[-1].rglob("*") if p.is_file()}

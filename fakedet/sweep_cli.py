@@ -30,6 +30,14 @@ def _list(item_type):
     return parse
 
 
+def _bundle(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--bundle takes a positive integer or auto, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweeps/run.py", description="Sweeps of CIFAKE-trained detectors on Ray Tune, Optuna and MLflow.")
     sub = parser.add_subparsers(dest="kind", required=True, metavar="{ablation,hpo,cutoff}")
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_list(_number), help="learning rates, e.g. 1e-4,1e-3,1e-2")
     p.add_argument("--seeds", type=int, help="seeds per cell (11, 12, ...)")
     p.add_argument("--eval-at", type=_list(_number), help="extra evaluation points in epochs")
+    p.add_argument("--bundle", type=_bundle, help="trajectories trained together per trial, one fused step (default: the study's, auto: 1 on CPUs, up to 64 on GPUs)")
 
     p = sub.add_parser("hpo", help="Optuna TPE (through Ray Tune's OptunaSearch) with ASHA stopping")
     common(p)
@@ -110,7 +119,7 @@ def run_study(kind: str, args) -> int:
         return 0
     experiment = meta["experiment"] if meta else (args.experiment or plan.study.name)
     say(f"MLflow tracking: {uri} (experiment {experiment!r}); view it with: {mlflow_ui_command(uri)}")
-    say(f"sweep {plan.name}: {plan.total_trials} trials, {plan.cell_count} cells, study {plan.study.source}"
+    say(f"sweep {plan.name}: {plan.trajectory_count} trajectories, {plan.cell_count} cells, study {plan.study.source}"
         + (f" (preset {plan.study.preset})" if plan.study.preset else ""))
 
     resume_cmd = f"python sweeps/run.py {kind} --resume {plan.name}" + (f" --storage-path {args.storage_path}" if args.storage_path else "")

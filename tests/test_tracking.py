@@ -31,8 +31,8 @@ def report(epoch: float, step: int, acc: float) -> dict:
 def checkpoint_with_cells(tmp_path, *epochs: str):
     d = tmp_path / f"ckpt_{'_'.join(epochs)}"
     for e in epochs:
-        (d / CELL_ARTIFACTS / e).mkdir(parents=True)
-        (d / CELL_ARTIFACTS / e / "metrics.json").write_text("{}")
+        (d / CELL_ARTIFACTS / "0" / e).mkdir(parents=True)  # trajectory 0 of the trial, its cell at e epochs
+        (d / CELL_ARTIFACTS / "0" / e / "metrics.json").write_text("{}")
     return tune.Checkpoint.from_directory(str(d))
 
 

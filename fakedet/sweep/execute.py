@@ -79,6 +79,19 @@ def trial_resources(plan: SweepPlan, args) -> dict[str, float]:
     return {"cpu": cpus, "gpu": gpus} if gpus > 0 else {"cpu": cpus}
 
 
+def bundle_size(plan: SweepPlan, args, resources: dict[str, float]) -> int:
+    """Trajectories per trial: the study's (or --bundle's) number, or for `auto` 1 where trials get no
+    GPU (on this project's 2-core CPU, vmap over 8 copies of the net ran at 0.76x training them one
+    after another) and, where they do, as many as the grid holds up to `max_bundle`."""
+    budget = plan.study.budget
+    wanted = getattr(args, "bundle", None) or budget.bundle
+    if plan.kind != "ablation":
+        return 1
+    if wanted == "auto":
+        return min(budget.max_bundle, plan.trajectory_count) if resources.get("gpu", 0) > 0 else 1
+    return int(wanted)
+
+
 def tune_config(plan: SweepPlan, args) -> tune.TuneConfig:
     if plan.kind == "ablation":
         return tune.TuneConfig(num_samples=1, max_concurrent_trials=args.max_concurrent or None,
@@ -89,7 +102,9 @@ def tune_config(plan: SweepPlan, args) -> tune.TuneConfig:
     say(f"optuna study {plan.name!r} in {storage_url} (optuna-dashboard {storage_url})")
     scheduler = ASHAScheduler(time_attr="epoch", max_t=float(plan.cell_epochs[-1]), grace_period=float(budget.grace_period),
                               reduction_factor=float(budget.reduction_factor))
-    return tune.TuneConfig(metric=metrics.objective, mode=metrics.objective_mode, search_alg=searcher, scheduler=scheduler,
+    # the best value so far, not the latest: monotone in training time, so ASHA's rungs and TPE compare
+    # trials at different lengths on the same quantity
+    return tune.TuneConfig(metric=plan.template.objective.best_key, mode=metrics.objective_mode, search_alg=searcher, scheduler=scheduler,
                            num_samples=plan.total_trials, max_concurrent_trials=args.max_concurrent or budget.max_concurrent,
                            trial_dirname_creator=_trial_dirname)
 
@@ -125,6 +140,11 @@ def run_sweep(plan: SweepPlan, args, storage: str, tracking_uri: str, experiment
                          f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
     init_ray(args)
     resources = trial_resources(plan, args)
+    k = bundle_size(plan, args, resources)
+    plan = plan.bundled(k)
+    args.bundle = k  # recorded: a resumed sweep rebuilds the same trials
+    if k > 1:
+        say(f"bundles: up to {k} trajectories per trial, one fused step each ({plan.total_trials} trials)")
     say(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
         f"each trial asks for {resources}; results under {storage}/{plan.name}")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import tune
 
-from fakedet.sweep.spec import TRIAL_KEY, FaultInjection, TrialSpec
+from fakedet.sweep.spec import TRIAL_KEY, FaultInjection, Trajectory, TrialSpec
 from fakedet.sweep.study import HpoFile, Study, StudyError
 
 SAMPLERS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "choice": tune.choice, "randint": tune.randint}
@@ -29,6 +29,10 @@ class SweepPlan:
     total_trials: int
 
     @property
+    def trajectory_count(self) -> int:
+        return sum(len(t.trajectories) for t in self.trials) if self.trials else self.total_trials
+
+    @property
     def cell_count(self) -> int:
         if self.trials:
             return sum(len(t.cells) for t in self.trials)
@@ -38,6 +42,20 @@ class SweepPlan:
     def cell_epochs(self) -> tuple[float, ...]:
         first = self.trials[0] if self.trials else self.template
         return first.trajectories[0].cell_epochs
+
+    def bundled(self, k: int) -> "SweepPlan":
+        """The grid's trajectories in trials of up to `k`: those that can share one fused step (same
+        architecture, placement, batch size, shuffle, length and evaluation points) are chunked together."""
+        if not self.trials or k == 1:
+            return self
+        groups: dict[tuple, list[Trajectory]] = {}
+        for spec in self.trials:
+            for t in spec.trajectories:
+                c = t.config
+                groups.setdefault((c.arch, c.srm, c.batch_size, c.shuffle, c.epochs, c.eval_at, c.device), []).append(t)
+        faults = self.trials[0].faults
+        trials = tuple(TrialSpec(tuple(ts[i:i + k]), faults=faults) for ts in groups.values() for i in range(0, len(ts), k))
+        return replace(self, trials=trials, param_space={TRIAL_KEY: tune.grid_search(list(trials))}, total_trials=len(trials))
 
     def with_faults(self, faults: FaultInjection) -> "SweepPlan":
         """Every trial with the same fault injection (tests of retry-from-checkpoint)."""
@@ -51,6 +69,8 @@ def overrides_from(args) -> dict[str, dict[str, Any]]:
     """Command-line flags as study-file deltas, checked by the same schema as the file."""
     space = {axis: getattr(args, axis) for axis in ("srm", "epochs", "lr", "seeds") if getattr(args, axis, None) is not None}
     budget = {"eval_at": list(args.eval_at)} if getattr(args, "eval_at", None) is not None else {}
+    if getattr(args, "bundle", None) is not None:
+        budget["bundle"] = args.bundle
     metrics = {"objective": args.objective} if getattr(args, "objective", None) else {}
     return {k: v for k, v in (("space", space), ("budget", budget), ("metrics", metrics)) if v}
 
@@ -74,6 +94,8 @@ def build_plan(kind: str, args) -> SweepPlan:
         raise StudyError(f"{study.source} is a {study.kind} study; run it with `sweeps/run.py {study.kind}`")
     name = args.name or default_name(study)
     if isinstance(study.spec, HpoFile):
+        if study.budget.bundle not in ("auto", 1):
+            raise StudyError(f"{study.source}: [budget] bundle: HPO trials train one sampled configuration each; use 1 or auto")
         space = {key: SAMPLERS[s.kind](*(getattr(s, s.kind),) if s.kind == "choice" else getattr(s, s.kind))
                  for key, s in study.spec.space.items()}
         samples = study.spec.budget.num_samples

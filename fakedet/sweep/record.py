@@ -13,7 +13,7 @@ from fakedet.sweep.study import StudyError
 
 SWEEP_FILE = "fakedet_sweep.json"
 # the command-line choices that shape a sweep: replayed by --resume
-RESUMED_ARGS = ("data", "smoke", "study", "srm", "epochs", "lr", "seeds", "eval_at", "objective")
+RESUMED_ARGS = ("data", "smoke", "study", "srm", "epochs", "lr", "seeds", "eval_at", "objective", "bundle")
 
 
 def storage_root(storage_path: str | None) -> str:

@@ -130,11 +130,35 @@ class FaultInjection:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What an HPO trial reports for Optuna and ASHA: the best value of `metric` so far (monotone in
+    training time, so rungs and TPE compare like with like), and the epoch where it occurred."""
+
+    metric: str
+    mode: str  # "max" or "min"
+
+    @property
+    def best_key(self) -> str:
+        return f"best/{self.metric}"
+
+    @property
+    def epoch_key(self) -> str:
+        return f"best/{self.metric}/epoch"
+
+    def better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.mode == "max" else value < best
+
+
+@dataclass(frozen=True)
 class TrialSpec:
-    """Everything one Ray trial trains: its trajectories (one per model trained in the trial)."""
+    """Everything one Ray trial trains: its trajectories (one per model: several make a bundle that
+    trains in one fused step, `fakedet.bundle`), the HPO objective it reports, fault injection."""
 
     trajectories: tuple[Trajectory, ...]
     faults: FaultInjection | None = None
+    objective: Objective | None = None
 
     def __post_init__(self) -> None:
         if not self.trajectories:

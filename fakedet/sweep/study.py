@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fakedet.config import TrainConfig, dense_eval_points
 from fakedet.data.synthetic import SIZES
 from fakedet.models import PLACEMENTS
-from fakedet.sweep.spec import Trajectory, TrialSpec
+from fakedet.sweep.spec import Objective, Trajectory, TrialSpec
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -121,6 +121,12 @@ class Budget(_Section):
     """Asked for only where the cluster has GPUs: four small CNNs share one GPU."""
     max_failures: NonNegativeInt = 2
     """A crashed trial is retried from its last checkpoint this many times (Ray's -1, forever, is refused)."""
+    bundle: PositiveInt | Literal["auto"] = "auto"
+    """Trajectories trained together in one trial (one fused step, `fakedet.bundle`): `auto` is 1 where
+    the cluster has no GPU (bundling does not pay on a CPU) and, on GPUs, as many as the grid allows up to
+    `max_bundle`. HPO trials train one sampled configuration each."""
+    max_bundle: PositiveInt = 64
+    """The most trajectories `auto` puts in one trial (the issue's K = 64 benchmark point)."""
 
 
 class AblationBudget(Budget):
@@ -364,7 +370,8 @@ class Study:
             points |= set(dense_eval_points(epochs, per_first_epoch=(0.25, 0.5)))
         points.add(float(epochs))
         cfg = self._train_config(epochs=epochs, eval_at=tuple(sorted(points)))
-        return TrialSpec((Trajectory(cfg, (float(epochs),)),))
+        objective = Objective(self.spec.metrics.objective, self.spec.metrics.objective_mode)
+        return TrialSpec((Trajectory(cfg, (float(epochs),)),), objective=objective)
 
     def _train_config(self, **values: Any) -> TrainConfig:
         try:

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback, Checkpoint
 
 from fakedet.sweep.spec import CELL_ARTIFACTS, Cell, TrialSpec, fmt_epochs, resolve_trial
-from fakedet.sweep.tags import TAG_CELL, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_SWEEP, TAG_TRAJECTORY, TAG_TRIAL
+from fakedet.sweep.tags import TAG_CELL, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRAJECTORY, TAG_TRIAL
 
 # What the run table, compare view and parallel-coordinates chart show: the same names on every cell,
 # nothing that is constant or a raw count (counts are in the confusion-matrix artifacts).
@@ -48,6 +48,8 @@ def default_tracking_uri() -> str:
 
 def is_logged_metric(name: str) -> bool:
     if name == "epoch":
+        return True
+    if name.startswith("best/"):  # HPO: the objective's best value so far and its epoch
         return True
     if "/" not in name:
         return False
@@ -406,31 +408,44 @@ class MlflowCellCallback(Callback):
         node_id = result.get("node_id")
         timestamp = int(time.time() * 1000)
         metrics = [Metric(k, float(v), timestamp, step) for k, v in result.items()
-                   if is_logged_metric(k) and isinstance(v, (int, float))]
+                   if is_logged_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool)]
         for run in self._runs_of(trial).runs[int(result.get("trajectory", 0))]:
             if run.finished or epoch > run.cell.epochs + 1e-9 or step <= run.last_step:
                 continue
             tags = [RunTag(TAG_NODE, node_id)] if node_id and node_id != run.node_id else []
             self.writer.submit(lambda client, run=run, tags=tags: client.log_batch(run.run_id, metrics=metrics, tags=tags))
             run.last_step, run.node_id = step, node_id or run.node_id
+        if result.get("diverged"):
+            self._end_diverged(self._runs_of(trial).runs[int(result.get("trajectory", 0))], epoch)
+
+    def _end_diverged(self, runs: list[_CellRun], epoch: float) -> None:
+        """A trajectory whose training went non-finite: its cells not yet finished end as diverged (a
+        result, not a crash: no retry), keeping every point measured before."""
+        for run in runs:
+            if not run.finished:
+                run.finished = True
+                self.writer.submit(lambda client, run=run: (
+                    client.log_batch(run.run_id, tags=[RunTag(TAG_STATUS, "diverged"), RunTag("fakedet.diverged_at_epoch", fmt_epochs(epoch))]),
+                    client.set_terminated(run.run_id, "FAILED")))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         entry = self._runs_of(trial)
         with checkpoint.as_directory() as d:
             root = Path(d) / CELL_ARTIFACTS
-            done = {p.name for p in root.iterdir()} if root.is_dir() else set()
-        for runs in entry.runs:
+            done = {p.relative_to(root).as_posix() for p in root.glob("*/*")} if root.is_dir() else set()
+        for index, runs in enumerate(entry.runs):
             for run in runs:
-                if not run.finished and fmt_epochs(run.cell.epochs) in done:
+                folder = f"{index}/{fmt_epochs(run.cell.epochs)}"
+                if not run.finished and folder in done:
                     run.finished = True
-                    self.writer.submit(self._finish(run, checkpoint))
+                    self.writer.submit(self._finish(run, checkpoint, folder))
 
     @staticmethod
-    def _finish(run: _CellRun, checkpoint) -> Callable[[MlflowClient], None]:
+    def _finish(run: _CellRun, checkpoint, folder: str) -> Callable[[MlflowClient], None]:
         def finish(client: MlflowClient) -> None:
             # the checkpoint stays in Ray's storage: read when the store is reachable, not when reported
             with checkpoint.as_directory() as d:
-                client.log_artifacts(run.run_id, str(Path(d) / CELL_ARTIFACTS / fmt_epochs(run.cell.epochs)))
+                client.log_artifacts(run.run_id, str(Path(d) / CELL_ARTIFACTS / folder))
             client.set_terminated(run.run_id, "FINISHED")
 
         return finish

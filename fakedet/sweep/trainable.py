@@ -10,6 +10,7 @@ logs to the cell's MLflow run.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from fakedet.config import TrainConfig
 from fakedet.metrics import best_worst_classes, confusion, per_class_recall, plot_threshold_curves, threshold_table
 from fakedet.models import save_checkpoint
 from fakedet.sweep.spec import CELL_ARTIFACTS, Cell, TrialSpec, fmt_epochs, resolve_trial
+from fakedet.bundle import train_bundle
 from fakedet.train import BatchSchedule, EvalRecord, total_steps, train
 
 STATE_FILE = "state.pt"
@@ -33,35 +35,86 @@ SWEEP_EVAL_SETS = ("cifake_val", "cifake_test", "cifar100_test", "agiri_val", "a
 
 
 def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: TrialSpec | None = None) -> None:
-    """Ray Tune function trainable. `splits` and `template` (HPO) arrive through `tune.with_parameters` (object store)."""
+    """Ray Tune function trainable. `splits` and `template` (HPO) arrive through `tune.with_parameters` (object store).
+
+    One trajectory trains with `fakedet.train.train`; several (a bundle) with `fakedet.bundle.train_bundle`,
+    one fused step for all. Every evaluation point of every trajectory is one report (`trajectory`: its
+    index in the spec); the last report of a point carries the checkpoint with every model's state.
+    """
     spec = resolve_trial(config, template)
-    (trajectory,) = spec.trajectories  # one model per trial
-    cfg = trajectory.config
     # the Ray node this trial runs on: nodes of one host share an IP, not an id
     node_id = ray.get_runtime_context().get_node_id()
-    resume = None
+    eval_sets = {k: splits[k] for k in SWEEP_EVAL_SETS if k in splits}
+    train_set = splits["cifake_train"]
+    cfgs = [t.config for t in spec.trajectories]
+    total = total_steps(cfgs[0], BatchSchedule(len(train_set), cfgs[0].batch_size, cfgs[0].shuffle, cfgs[0].seed).steps_per_epoch)
+
+    states: list[dict | None] = [None] * len(cfgs)
+    diverged = [False] * len(cfgs)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    eval_sets = {k: splits[k] for k in SWEEP_EVAL_SETS if k in splits}
-    train_set = splits["cifake_train"]
-    total = total_steps(cfg, BatchSchedule(len(train_set), cfg.batch_size, cfg.shuffle, cfg.seed).steps_per_epoch)
+            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        states, diverged = list(saved["states"]), list(saved["diverged"])
+    best: list[tuple[float, float] | None] = [None] * len(cfgs)  # HPO: (best objective so far, its epoch)
+    for k, state in enumerate(states):
+        if state is not None and spec.objective is not None:
+            for rec in state["history"]:
+                best[k] = _better(spec, best[k], rec)
+    pending: dict[int, tuple[EvalRecord, dict]] = {}  # this evaluation point's reports, by trajectory
 
-    def on_eval(record: EvalRecord, snapshot) -> None:
+    def on_eval(k: int, record: EvalRecord, snapshot) -> None:
         state = snapshot()
+        states[k] = state
+        diverged[k] = diverged[k] or record.diverged
+        pending[k] = (record, state)
+        active = [i for i in range(len(cfgs)) if not diverged[i] or i in pending]
+        if k != max(active):
+            return  # the checkpoint goes with the point's last report, holding every model's state
         with tempfile.TemporaryDirectory(prefix="fakedet-ckpt-") as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            done = [c for c in trajectory.cells if _same_epoch(c.epochs, record.epoch)]
-            for cell in done:
-                write_cell_artifacts(Path(d) / CELL_ARTIFACTS / fmt_epochs(cell.epochs), record, eval_sets, state["model"], cell)
-            result = {**record.flat(), "epoch": record.epoch, "step": record.step, "total_steps": total,
-                      "cells_done": [c.epochs for c in done], "node_id": node_id}
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+            torch.save({"states": states, "diverged": diverged}, Path(d) / STATE_FILE)
+            reports = []
+            for i, (rec, st) in sorted(pending.items()):
+                trajectory = spec.trajectories[i]
+                done = [c for c in trajectory.cells if _same_epoch(c.epochs, rec.epoch)]
+                if not rec.diverged:  # a diverged model's logits are not finite: no curves, no model to keep
+                    for cell in done:
+                        write_cell_artifacts(Path(d) / CELL_ARTIFACTS / str(i) / fmt_epochs(cell.epochs), rec, eval_sets, st["model"], cell)
+                result = {**rec.flat(), "trajectory": i, "epoch": rec.epoch, "step": rec.step, "total_steps": total,
+                          "node_id": node_id, "diverged": rec.diverged}
+                if spec.objective is not None:
+                    best[i] = _better(spec, best[i], rec.to_dict())
+                    if best[i] is not None:
+                        result[spec.objective.best_key], result[spec.objective.epoch_key] = best[i]
+                reports.append(result)
+            for result in reports[:-1]:
+                tune.report(result)
+            tune.report(reports[-1], checkpoint=tune.Checkpoint.from_directory(d))
+        pending.clear()
         if spec.faults is not None:
             spec.faults.maybe_crash(record.step)
 
-    train(cfg, train_set, eval_sets, on_eval=on_eval, resume=resume)
+    live = [i for i in range(len(cfgs)) if not diverged[i]]
+    if len(cfgs) == 1:
+        if live:
+            train(cfgs[0], train_set, eval_sets, on_eval=lambda record, snapshot: on_eval(0, record, snapshot), resume=states[0])
+        return
+    # a bundle: the models that have not diverged go on together (a diverged one has ended, as alone)
+    train_bundle([cfgs[i] for i in live], train_set, eval_sets,
+                 on_eval=lambda j, record, snapshot: on_eval(live[j], record, snapshot),
+                 resume=[states[i] for i in live])
+
+
+def _better(spec: TrialSpec, best: tuple[float, float] | None, record: dict) -> tuple[float, float] | None:
+    """The objective's best value so far and its epoch, updated with one evaluation point's record."""
+    objective = spec.objective
+    dataset, metric = objective.metric.split("/", 1)
+    value = record["metrics"].get(dataset, {}).get(metric)
+    if value is None or not math.isfinite(value):
+        return best
+    if objective.better(value, None if best is None else best[0]):
+        return (float(value), float(record["epoch"]))
+    return best
 
 
 def _same_epoch(a: float, b: float) -> bool:
