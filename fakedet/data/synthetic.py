@@ -25,6 +25,12 @@ How each part is made (all vectorised numpy; one seed gives the same bytes on a 
   corrupt files, a `.DS_Store`; its fakes come from a different process (rendered at half size and
   upsampled ×2, with a faint periodic upsampling pattern), and its reals are larger than 32 px, so
   the downscale that the study applies smooths both: transfer is hard, as it was in the study.
+
+`variant="planted"` (STANDIN.md, "The planted variant") swaps the CIFAKE fingerprint for two cues of
+known effect: a warm colour cast shared with the AGIRI fakes (transfers, learned early) and a faint
+grating on every CIFAKE fake that means nothing on AGIRI (stronger, learned later, hurts transfer):
+a known answer for the study's correlation and cutoff analyses. The standard variant's bytes do
+not change.
 """
 
 from __future__ import annotations

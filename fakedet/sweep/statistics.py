@@ -84,10 +84,24 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
+def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's τ-b of each row pair: (concordant − discordant pairs) / sqrt(pairs untied in x × pairs
+    untied in y), the statistic of `scipy.stats.kendalltau` (tests compare the two). Its row-wise mode
+    loops in Python and computes an exact p-value per row: 90% of a correlation table's time."""
+    i, j = np.triu_indices(x.shape[1], 1)
+    out = np.empty(len(x))
+    rows = max(1, 2_000_000 // max(len(i), 1))  # ~16 MB of pair signs at a time
+    for lo in range(0, len(x), rows):
+        sx = np.sign(x[lo : lo + rows, i] - x[lo : lo + rows, j])
+        sy = np.sign(y[lo : lo + rows, i] - y[lo : lo + rows, j])
+        out[lo : lo + rows] = (sx * sy).sum(1) / np.sqrt(np.abs(sx).sum(1) * np.abs(sy).sum(1))
+    return out
+
+
 def correlate(x: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
     """Row-wise correlation of x and y (1-D, or 2-D with one sample per row): NaN where a row is
     constant. Spearman's ρ is Pearson's r of the average ranks, as `scipy.stats.spearmanr` computes it
-    (spearmanr has no row-wise mode); Kendall's τ is τ-b, `scipy.stats.kendalltau`."""
+    (spearmanr has no row-wise mode); Kendall's τ is τ-b, as `scipy.stats.kendalltau`."""
     if method not in METHODS:
         raise ValueError(f"unknown correlation method {method!r}; choose from {', '.join(METHODS)}")
     x2, y2 = np.atleast_2d(np.asarray(x, float)), np.atleast_2d(np.asarray(y, float))
@@ -99,7 +113,7 @@ def correlate(x: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
         elif method == "spearman":
             r = _pearson_rows(stats.rankdata(x2, axis=1), stats.rankdata(y2, axis=1))
         else:
-            r = stats.kendalltau(x2, y2, axis=1).statistic
+            r = _kendall_rows(x2, y2)
     r = np.where(flat, np.nan, np.asarray(r, float))
     return r if np.ndim(x) == 2 else r[0]
 
@@ -120,10 +134,6 @@ class _Clusters:
         for i, block in enumerate(self.blocks):
             strata.setdefault(tuple(keys[block]), []).append(i)
         self.strata = [np.array(m) for m in strata.values()]
-
-    @property
-    def n(self) -> int:
-        return len(self.x)
 
     def _rows(self, picks: np.ndarray) -> list[np.ndarray] | np.ndarray:
         """Row indices of each resample's blocks (picks: B × k block numbers); rectangular if possible."""
@@ -157,6 +167,9 @@ class _Clusters:
             partner[:, members] = rng.permuted(np.tile(members, (n_perm, 1)), axis=1)
         own = self._rows(np.tile(np.arange(k), (n_perm, 1)))
         return self._many(own, self._rows(partner), method)
+
+    def distinct_pairings(self) -> int:
+        return math.prod(math.factorial(len(m)) for m in self.strata)
 
 
 def _scipy_ci(data: tuple, statistic: Callable, n_boot: int, rng: np.random.Generator,
@@ -226,6 +239,10 @@ def _clustered_rows(pair, x, y, scope, order, methods, n_boot, n_perm, rng, conf
             continue
         lo, hi, note = data.ci(method, n_boot, rng, confidence)
         p, resolution = _perm_p(r, data.permutation(method, n_perm, rng))
+        distinct = data.distinct_pairings()
+        if distinct <= n_perm:  # few trajectories: drawn permutations repeat, the p cannot be finer
+            resolution = 1 / distinct
+            note = "; ".join(filter(None, [note, f"only {distinct} distinct pairings of trajectories"]))
         rows.append(_row(scope, x, y, method, confidence, restricted, **base, statistic=r, ci_low=lo, ci_high=hi,
                          p_value=p, p_value_resolution=resolution, note=note))  # fmt: skip
     return rows
