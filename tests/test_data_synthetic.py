@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
-from fakedet.data import load_splits, make_synthetic
-from fakedet.data.synthetic import SIZES, cifake_name
+from fakedet.data import load_splits, make_synthetic, resolve_data
+from fakedet.data.synthetic import PLANT_GRATING_CYCLES, SIZES, cifake_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,3 +172,52 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
         and "Expected the folders train/REAL" in r.stderr
         and "Traceback" not in r.stderr
     )
+
+
+# ---- the planted variant -------------------------------------------------------------------------
+def _cues(s) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the warm cast (mean red − blue) and the energy of the planted grating's frequency."""
+    x = s.images.astype(np.float32) / 255
+    cast = (x[..., 0] - x[..., 2]).mean((1, 2))
+    g = x.mean(-1)
+    spectrum = np.abs(np.fft.fft2(g - g.mean((1, 2), keepdims=True)))
+    cx, cy = (int(c) for c in PLANT_GRATING_CYCLES)
+    return cast, spectrum[:, cy, cx] + spectrum[:, -cy, -cx]
+
+
+def test_planted_variant_changes_only_the_fakes_and_its_identity(tiny_src, tmp_path):
+    r = _run("make-synthetic", "planted", "--size", "tiny", "--variant", "planted", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "(tiny, planted, seed 0)" in r.stdout
+    planted = tmp_path / "planted"
+    assert json.loads((planted / "STANDIN.json").read_text())["variant"] == "planted"
+    assert "variant" not in json.loads((tiny_src / "STANDIN.json").read_text())  # the standard bytes, as before
+    same = ["cifake/train/REAL", "cifake/test/REAL", "cifar100/cifar-100-python"]
+    for sub in same:
+        assert _tree_digest(planted / sub) == _tree_digest(tiny_src / sub), sub
+    for sub in ("cifake/train/FAKE", "agiri/test/real", "agiri/test/fake"):
+        assert _tree_digest(planted / sub) != _tree_digest(tiny_src / sub), sub
+    with pytest.raises(FileExistsError, match="holds another stand-in"):
+        make_synthetic(planted, "tiny", show_progress=False)
+    with pytest.raises(FileExistsError, match="holds another stand-in"):
+        make_synthetic(tiny_src, "tiny", variant="planted", show_progress=False)
+    with pytest.raises(ValueError, match="unknown stand-in variant 'loud'"):
+        make_synthetic(tmp_path / "x", "tiny", variant="loud", show_progress=False)
+
+
+def test_planted_cues_are_where_standin_md_says(tmp_path):
+    cache = resolve_data("synthetic", tmp_path, size="tiny", variant="planted", show_progress=False)
+    assert cache.parent.name == "synthetic-tiny-planted"
+    sets = load_splits(cache)
+    s = sets["cifake_train"]
+    cast, grating = _cues(s)
+    fake = s.labels == 0
+    assert 0.7 < roc_auc_score(fake, cast) < 0.95  # the transferable cue: partial on its own
+    assert roc_auc_score(fake, grating) > 0.97  # the non-transferable cue: near perfect on CIFAKE
+    agiri = [sets[k] for k in ("agiri_val", "agiri_test")]
+    cast, grating = (np.concatenate(c) for c in zip(*map(_cues, agiri)))
+    fake = np.concatenate([a.labels == 0 for a in agiri])
+    assert roc_auc_score(fake, cast) > 0.65  # AGIRI fakes carry the cast too
+    assert 0.4 < roc_auc_score(fake, grating) < 0.6  # the grating says nothing about AGIRI labels
+    present = grating > np.median(grating)
+    assert grating[present].mean() > 3 * grating[~present].mean()  # ... though half of AGIRI carries it

@@ -12,7 +12,7 @@ from fakedet.data.decode import RESIZE_METHODS
 from fakedet.data.errors import DataError
 from fakedet.data.options import PrepareOptions
 from fakedet.data.sources import DATASETS, SOURCES
-from fakedet.data.synthetic import SIZES
+from fakedet.data.synthetic import SIZES, VARIANTS
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +67,12 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         help="tiny (tests), small (smoke sweeps), default (the README's ablation)",
     )
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="standard",
+        help="standard, or planted: cues of known effect on transfer (a check of the analyses; see STANDIN.md)",
+    )
     m.add_argument("--prepare", metavar="CACHE", help="also prepare it into this cache directory")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=_make_synthetic)
@@ -172,9 +178,11 @@ def _make_synthetic(args: argparse.Namespace) -> int:
 
     _logging()
     try:
-        out = make_synthetic(args.dir, args.size, args.seed, show_progress=not args.quiet)
+        out = make_synthetic(args.dir, args.size, args.seed, variant=args.variant, show_progress=not args.quiet)
+        variant = "" if args.variant == "standard" else f", {args.variant}"
         print(
-            f"stand-in ({args.size}, seed {args.seed}) in {out}: cifake/, agiri/, cifar100/ — not evidence about the real datasets"
+            f"stand-in ({args.size}{variant}, seed {args.seed}) in {out}: cifake/, agiri/, cifar100/"
+            " — not evidence about the real datasets"
         )
         if args.prepare:
             manifest = prepare(

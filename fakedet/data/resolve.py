@@ -15,7 +15,7 @@ from pathlib import Path
 from fakedet.data.build import prepare
 from fakedet.data.options import PrepareOptions
 from fakedet.data.sources import DATASETS
-from fakedet.data.synthetic import SIZES, make_synthetic
+from fakedet.data.synthetic import SIZES, VARIANTS, make_synthetic
 from fakedet.data.units import writer_lock
 
 SPEC_HELP = (
@@ -33,23 +33,29 @@ def resolve_data(
     show_progress: bool = True,
     options: PrepareOptions | None = None,
     seed: int = 0,
+    variant: str = "standard",
 ) -> Path:
     """A prepared cache directory for `spec` (see SPEC_HELP), under `cache_root` when it is built here.
 
     size: the stand-in's size (tiny, small, default) when spec is 'synthetic'.
     seed: the stand-in's generation seed (not the split seed, which is in `options`).
+    variant: the stand-in's variant (`standard`, or `planted`: cues of known effect, STANDIN.md).
     """
     cache_root = Path(cache_root).expanduser()
     options = options or PrepareOptions()
     if spec == "synthetic":
         if size not in SIZES:
             raise ValueError(f"unknown stand-in size {size!r}; choose one of {', '.join(SIZES)}")
-        name = f"synthetic-{size}" + (f"-seed{seed}" if seed else "")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown stand-in variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        # the standard variant keeps the folder name it always had
+        name = f"synthetic-{size}" + ("" if variant == "standard" else f"-{variant}") + (f"-seed{seed}" if seed else "")
         sources = cache_root / name / "sources"
         cache = cache_root / name / "cache"
         if not (sources / "STANDIN.json").is_file():
             with writer_lock(cache_root / f".{name}.lock", f"generating the {size} stand-in"):
-                make_synthetic(sources, size, seed, show_progress=show_progress)  # no-op if another process made it
+                # a no-op if another process made it
+                make_synthetic(sources, size, seed, variant=variant, show_progress=show_progress)
         return _prepared(cache, {ds: sources / ds for ds in DATASETS}, options, show_progress, allow_download=False)
     if spec == "kaggle":
         return _prepared(

@@ -25,6 +25,12 @@ How each part is made (all vectorised numpy; one seed gives the same bytes on a 
   corrupt files, a `.DS_Store`; its fakes come from a different process (rendered at half size and
   upsampled ×2, with a faint periodic upsampling pattern), and its reals are larger than 32 px, so
   the downscale that the study applies smooths both: transfer is hard, as it was in the study.
+
+`variant="planted"` (STANDIN.md, "The planted variant") swaps the CIFAKE fingerprint for two cues of
+known effect: a warm colour cast shared with the AGIRI fakes (transfers, learned early) and a faint
+grating on every CIFAKE fake that means nothing on AGIRI (stronger, learned later, hurts transfer):
+a known answer for the study's correlation and cutoff analyses. The standard variant's bytes do
+not change.
 """
 
 from __future__ import annotations
@@ -316,6 +322,57 @@ FAKE_OBVIOUS = 0.3
 FAKE_OBVIOUS_STRENGTH = (1.5, 2.5)
 
 
+# ----------------------------------------------------------------------------------- planted variant
+
+# `variant="planted"` (STANDIN.md, "The planted variant") replaces the CIFAKE fingerprint above by two
+# cues of known behaviour, so that the study's analyses can be checked against a known answer:
+# - TRANSFERABLE, learned early: a warm colour cast (red up, blue down, in [0, 1] units) of strength
+#   U(0, PLANT_CAST) on every CIFAKE fake AND every AGIRI fake. It moves every pixel of an image the
+#   same way, so SGD picks it up in the first few hundred steps; its strength overlaps the scenes'
+#   own palettes, so on its own it separates the classes only in part (PLANT_CAST was set so that
+#   the measured early peak of the AGIRI-stand-in AUC is clearly above chance; STANDIN.md).
+# - NON-TRANSFERABLE, learned later, stronger: a faint luminance grating (PLANT_GRATING_CYCLES cycles
+#   across the image, random phase, amplitude U(0.6, 1)·PLANT_GRATING) on every CIFAKE fake and no
+#   CIFAKE real: a near-perfect cue, but small against sensor noise and texture, and phase-free, so
+#   a detector takes longer to form. On AGIRI it sits on a random half of ALL images (real and fake
+#   alike, drawn independently of the class), defined in cycles per image so that it survives the
+#   downscale to 32 px: there it means nothing, and a model that leans on it ranks AGIRI images
+#   by a coin flip. In the limit of a model ruled by the grating, the AGIRI AUC tends to
+#   1/4 + AUC_cast/2 (pairs that differ in the grating are decided by it, the rest by the cast).
+VARIANTS = ("standard", "planted")
+PLANT_CAST = 0.12
+PLANT_CAST_RGB = np.array([1.0, 0.0, -1.0], np.float32)  # warm: red up, blue down
+PLANT_GRATING = 18.0 / 255.0
+PLANT_GRATING_CYCLES = (6.0, 3.0)  # (x, y) cycles per image: period ~4.8 px at 32 px, oblique
+PLANT_AGIRI_GRATING_SHARE = 0.5
+
+
+def _cast(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """The transferable cue: a warm colour cast of random strength on b×h×w×3 images in [0, 1]."""
+    strength = rng.uniform(0, PLANT_CAST, len(img)).astype(np.float32)
+    return img + strength[:, None, None, None] * PLANT_CAST_RGB
+
+
+def _grating(rng: np.random.Generator, img: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The non-transferable cue on the images where `present`: a luminance grating with a fixed number
+    of cycles per image (whatever the image's size), random phase and amplitude."""
+    b, h, w = img.shape[:3]
+    phase = rng.uniform(0, 2 * np.pi, b).astype(np.float32)
+    amp = (rng.uniform(0.6, 1.0, b) * PLANT_GRATING * present).astype(np.float32)
+    y = (np.arange(h, dtype=np.float32) + 0.5) / h
+    x = (np.arange(w, dtype=np.float32) + 0.5) / w
+    arg = 2 * np.pi * (PLANT_GRATING_CYCLES[0] * x[None, None, :] + PLANT_GRATING_CYCLES[1] * y[None, :, None])
+    wave = np.sin(arg + phase[:, None, None])
+    return img + (amp[:, None, None] * wave)[..., None]
+
+
+def _cifake_fakes_planted(rng: np.random.Generator, classes: np.ndarray, table: dict) -> np.ndarray:
+    """Planted-variant CIFAKE fakes: the reals' own scenes and camera, plus the cast and the grating."""
+    scene = _render(rng, classes, table, REAL_STYLE, 32, 32, shape=classes)
+    scene = _grating(rng, _cast(rng, scene), np.ones(len(classes), bool))
+    return _camera(rng, np.clip(scene, 0, 1), REAL_BLUR, REAL_NOISE)
+
+
 def _cifake_fakes(rng: np.random.Generator, classes: np.ndarray, table: dict) -> np.ndarray:
     b, s = len(classes), 32 * RENDER_SCALE
     hi = _render(rng, classes, table, FAKE_STYLE, s, s, shape=classes)
@@ -358,9 +415,10 @@ def cifake_name(i: int, label: str) -> str:
     return f"{stem}.jpg" if copy == 0 else f"{stem} ({copy + 1}).jpg"
 
 
-def _cifake_job(root: Path, split: str, label: str, n: int, seed: int) -> None:
+def _cifake_job(root: Path, split: str, label: str, n: int, seed: int, variant: str = "standard") -> None:
     table = _class_table(10, 1001)
-    make, stream = (_cifake_reals, 1) if label == "REAL" else (_cifake_fakes, 2)
+    fakes = _cifake_fakes_planted if variant == "planted" else _cifake_fakes
+    make, stream = (_cifake_reals, 1) if label == "REAL" else (fakes, 2)
     rng = np.random.default_rng([seed, 10, 0 if split == "train" else 1, stream])
     folder = root / split / label
     folder.mkdir(parents=True)
@@ -370,9 +428,9 @@ def _cifake_job(root: Path, split: str, label: str, n: int, seed: int) -> None:
             Image.fromarray(img).save(folder / cifake_name(i, label), "JPEG", quality=JPEG_QUALITY)
 
 
-def _cifake_jobs(root: Path, size: StandinSize, seed: int) -> list[tuple]:
+def _cifake_jobs(root: Path, size: StandinSize, seed: int, variant: str = "standard") -> list[tuple]:
     return [
-        (_cifake_job, root, split, label, n, seed)
+        (_cifake_job, root, split, label, n, seed, variant)
         for split, n in (("train", size.cifake_train), ("test", size.cifake_test))
         for label in ("REAL", "FAKE")
     ]
@@ -493,7 +551,11 @@ AGIRI_FORMATS = (
 )
 
 
-def _agiri_images(rng: np.random.Generator, n: int, fake: bool, table: dict) -> Iterator[np.ndarray]:
+def _agiri_images(
+    rng: np.random.Generator, n: int, fake: bool, table: dict, plant: np.random.Generator | None = None
+) -> Iterator[np.ndarray]:
+    """`plant`: the planted variant's own stream (the cast on fakes, the grating on a random share of
+    all images); the scenes are drawn from `rng` exactly as in the standard variant."""
     sizes = rng.choice(len(AGIRI_SIZES), n, p=AGIRI_SIZE_P)
     classes = rng.integers(0, 50, n)
     sf = np.stack(
@@ -520,16 +582,18 @@ def _agiri_images(rng: np.random.Generator, n: int, fake: bool, table: dict) -> 
                 )
                 up = np.repeat(np.repeat(half, 2, 1), 2, 2)[:, :h, :w]
                 up = _blur(up, np.full(len(rows), 0.5, np.float32))
+                if plant is not None:
+                    present = plant.uniform(0, 1, len(rows)) < PLANT_AGIRI_GRATING_SHARE
+                    up = _grating(plant, _cast(plant, up), present)
                 yy, xx = np.mgrid[:h, :w]
                 pattern = ((yy + xx) % 2 * 2 - 1).astype(np.float32)[None, :, :, None]
                 img = _to_u8(up + rng.uniform(0.005, 0.02, (len(rows), 1, 1, 1)).astype(np.float32) * pattern)
             else:
-                img = _camera(
-                    rng,
-                    _render(rng, classes[rows], table, REAL_STYLE, h, w, superformula=sf[rows], n_objects=n_obj[rows]),
-                    REAL_BLUR,
-                    (1.0, 8.0),
-                )
+                scene = _render(rng, classes[rows], table, REAL_STYLE, h, w, superformula=sf[rows], n_objects=n_obj[rows])
+                if plant is not None:
+                    present = plant.uniform(0, 1, len(rows)) < PLANT_AGIRI_GRATING_SHARE
+                    scene = np.clip(_grating(plant, scene, present), 0, 1)
+                img = _camera(rng, scene, REAL_BLUR, (1.0, 8.0))
             for r, im in zip(rows, img):
                 out[r] = im
     yield from out  # type: ignore[misc]
@@ -560,22 +624,24 @@ def _agiri_name(i: int, cls: str, ext: str, rng_pick: int) -> str:
     return styles[rng_pick % len(styles)]
 
 
-def _agiri_job(root: Path, split: str, cls: str, n: int, seed: int) -> None:
+def _agiri_job(root: Path, split: str, cls: str, n: int, seed: int, variant: str = "standard") -> None:
     table = _class_table(50, 3003)
     fmts = np.array([f[3] for f in AGIRI_FORMATS])
-    rng = np.random.default_rng([seed, 20, 0 if split == "train" else 1, 1 if cls == "real" else 2])
+    stream = [seed, 20, 0 if split == "train" else 1, 1 if cls == "real" else 2]
+    rng = np.random.default_rng(stream)
+    plant = np.random.default_rng([*stream, 7]) if variant == "planted" else None
     folder = root / split / cls
     folder.mkdir(parents=True)
     pick = rng.choice(len(AGIRI_FORMATS), n, p=fmts / fmts.sum())
     names = rng.integers(0, 4, n)
-    for i, img in enumerate(_agiri_images(rng, n, cls == "fake", table)):
+    for i, img in enumerate(_agiri_images(rng, n, cls == "fake", table, plant)):
         fmt, mode, ext, _ = AGIRI_FORMATS[pick[i]]
         (folder / _agiri_name(i, cls, ext, names[i])).write_bytes(_encode(img, fmt, mode))
 
 
-def _agiri_jobs(root: Path, size: StandinSize, seed: int) -> list[tuple]:
+def _agiri_jobs(root: Path, size: StandinSize, seed: int, variant: str = "standard") -> list[tuple]:
     return [
-        (_agiri_job, root, split, cls, n, seed)
+        (_agiri_job, root, split, cls, n, seed, variant)
         for split, n in (("train", size.agiri_train), ("test", size.agiri_test))
         for cls in ("real", "fake")
     ]
@@ -609,25 +675,46 @@ def _cost(job: tuple) -> float:
 # ----------------------------------------------------------------------------------- entry point
 
 
+def standin_spec(size: str = "default", seed: int = 0, variant: str = "standard") -> dict:
+    """What identifies a stand-in: written to its STANDIN.json markers and compared on reuse. The
+    standard variant's spec has no `variant` key, so its markers (and bytes) are those it always had."""
+    spec = {"generator": "fakedet.data.synthetic", "version": GENERATOR_VERSION, "size": size, "seed": seed}
+    if variant != "standard":
+        spec["variant"] = variant
+    return spec
+
+
 def make_synthetic(
-    out_dir: str | Path, size: str = "default", seed: int = 0, *, workers: int | None = None, show_progress: bool = True
+    out_dir: str | Path,
+    size: str = "default",
+    seed: int = 0,
+    *,
+    variant: str = "standard",
+    workers: int | None = None,
+    show_progress: bool = True,
 ) -> Path:
     """Write the three stand-ins into out_dir/{cifake,agiri,cifar100}; idempotent.
 
-    Built in a temporary sibling folder and renamed, so a crash leaves nothing half-written and
-    two processes can race (the loser discards its copy). Returns out_dir.
+    variant: `standard` (the stand-in described in STANDIN.md) or `planted` (CIFAKE fakes carry a
+    transferable cue learned early and a stronger non-transferable one learned later; STANDIN.md,
+    "The planted variant"). Built in a temporary sibling folder and renamed, so a crash leaves
+    nothing half-written and two processes can race (the loser discards its copy). Returns out_dir.
     """
     if size not in SIZES:
         raise ValueError(f"unknown stand-in size {size!r}; choose one of {', '.join(SIZES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown stand-in variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     out_dir = Path(out_dir).expanduser()
-    spec = {"generator": "fakedet.data.synthetic", "version": GENERATOR_VERSION, "size": size, "seed": seed}
+    spec = standin_spec(size, seed, variant)
     marker = out_dir / MARKER
     if marker.is_file():
         found = json.loads(marker.read_text())
-        if {k: found.get(k) for k in spec} == spec:
+        keys = ("generator", "version", "size", "seed", "variant")
+        if {k: found.get(k) for k in keys} == {k: spec.get(k) for k in keys}:
             return out_dir
         raise FileExistsError(
-            f"{out_dir} holds another stand-in ({ {k: found.get(k) for k in spec} }); delete it or choose another folder"
+            f"{out_dir} holds another stand-in ({ {k: found[k] for k in keys if k in found} }); "
+            "delete it or choose another folder"
         )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; make-synthetic writes into a new or empty folder")
@@ -639,12 +726,13 @@ def make_synthetic(
 
         sz = SIZES[size]
         jobs = [
-            *_cifake_jobs(tmp / "cifake", sz, seed),
-            *_agiri_jobs(tmp / "agiri", sz, seed),
+            *_cifake_jobs(tmp / "cifake", sz, seed, variant),
+            *_agiri_jobs(tmp / "agiri", sz, seed, variant),
             (_cifar100_job, tmp / "cifar100", sz, seed),
         ]
         jobs.sort(key=_cost, reverse=True)  # longest first: the pool finishes sooner
-        bar = tqdm(total=len(jobs), desc=f"stand-in ({size})", disable=not show_progress, leave=False)
+        label = size if variant == "standard" else f"{size}, {variant}"
+        bar = tqdm(total=len(jobs), desc=f"stand-in ({label})", disable=not show_progress, leave=False)
         if workers == 0 or (workers or os.cpu_count() or 1) == 1:
             for job in jobs:
                 _run(job)
@@ -666,7 +754,7 @@ def make_synthetic(
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if (out_dir / MARKER).is_file():  # another process won the race with the same stand-in
-            return make_synthetic(out_dir, size, seed, show_progress=False)
+            return make_synthetic(out_dir, size, seed, variant=variant, show_progress=False)
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
