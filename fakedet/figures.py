@@ -113,17 +113,40 @@ def table3(results: SweepResults, dataset: str = "cifar100_test") -> pd.DataFram
     return pd.concat(parts, ignore_index=True)
 
 
-def correlation_table(results: SweepResults, method: str | None = None) -> pd.DataFrame:
-    """Transfer against intrinsic correlations across cells, as the sweep's analysis logged them
-    (the parent run's `analysis/correlations_cells.csv`); `method`: pearson, spearman or kendall."""
-    table = _analysis_artifact(results, "correlations_cells.csv")
-    return table if method is None else table[table["method"] == method].reset_index(drop=True)
+def correlation_table(results: SweepResults, method: str | None = None, scope: str | None = None) -> pd.DataFrame:
+    """Transfer against intrinsic correlations as the sweep's analysis logged them (the parent run's
+    `analysis/correlations.csv`): per scope (`epochs=<E>`, `cells`, `within`, their `|trained` variants),
+    the statistic with its interval, permutation p, n and unit. `method`: pearson, spearman or kendall."""
+    table = _analysis_artifact(results, "correlations.csv")
+    if method is not None:
+        table = table[table["method"] == method]
+    if scope is not None:
+        table = table[table["scope"] == scope]
+    return table.reset_index(drop=True)
+
+
+def cells_summary(results: SweepResults) -> pd.DataFrame:
+    """Each cell condition (srm, epochs, lr): `n_seeds` and every metric's mean and std over the seeds
+    (the parent run's `analysis/cells_summary.csv`)."""
+    return _analysis_artifact(results, "cells_summary.csv")
+
+
+def variance_table(results: SweepResults) -> pd.DataFrame:
+    """Each transfer metric's variance across cells split over the grid's factors (eta squared of a
+    main-effects ANOVA; the parent run's `analysis/variance.csv`)."""
+    return _analysis_artifact(results, "variance.csv")
 
 
 def cutoff_summary(results: SweepResults) -> pd.DataFrame:
-    """Each cutoff rule's chosen epoch and test metrics, mean and std over trajectories (the parent
-    run's `analysis/cutoff_summary.csv`)."""
+    """Each cutoff rule's chosen epoch and test metrics, mean and std over the same trajectories (the
+    parent run's `analysis/cutoff_summary.csv`)."""
     return _analysis_artifact(results, "cutoff_summary.csv")
+
+
+def cutoff_comparison(results: SweepResults) -> pd.DataFrame:
+    """Each rule against early stopping on the intrinsic validation loss, paired by trajectory: the mean
+    difference with its bootstrap interval (the parent run's `analysis/cutoff_comparison.csv`)."""
+    return _analysis_artifact(results, "cutoff_comparison.csv")
 
 
 def _analysis_artifact(results: SweepResults, name: str) -> pd.DataFrame:
@@ -254,6 +277,28 @@ def transfer_scatter(results: SweepResults, x: str = "cifake_test/acc", y: str =
     return fig
 
 
+def seed_spread(results: SweepResults, metric: str = "agiri_test/auc") -> Figure:
+    """A metric against epochs per cell condition: the mean over seeds with a ±1 std bar (n seeds in the
+    legend), a panel per placement, a line per learning rate."""
+    cells = results.finished_cells()
+    if metric not in cells:
+        raise KeyError(f"the sweep's cells have no metric {metric!r}")
+    panels = list(dict.fromkeys(cells["srm"]))
+    fig = Figure(figsize=(4.2 * max(len(panels), 1), 3.6), layout="constrained")
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False, sharey=True)[0]
+    for ax, srm in zip(axes, panels):
+        for lr, group in cells[cells["srm"] == srm].groupby("lr"):
+            stats_ = group.groupby("cell_epochs")[metric].agg(["mean", "std", "count"]).reset_index()
+            ax.errorbar(stats_["cell_epochs"], stats_["mean"], yerr=stats_["std"].fillna(0), marker="o", capsize=3,
+                        label=f"lr={lr:g} (n={int(stats_['count'].min())}–{int(stats_['count'].max())} seeds)")
+        ax.set_xscale("log")
+        ax.set(xlabel="epochs", title=f"srm={srm}", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{results.name}: {metric}, mean ± std over seeds")
+    return fig
+
+
 def cutoff_metrics(results: SweepResults) -> list[str]:
     """The metrics the cutoff view plots: the first reported metric and the selection metric the sweep
     recorded (parent-run params `cutoff_report`, `cutoff_select_on`), then CIFAKE test accuracy and
@@ -300,6 +345,7 @@ VIEWS: dict[str, Callable[[SweepResults], pd.DataFrame | Figure]] = {
     "figure5_thresholds_agiri_test.png": lambda r: figure5(r, "agiri_test"),
     "transfer_scatter_cifake_test_acc_vs_agiri_test_auc.png": transfer_scatter,
     "cutoff_curves.png": cutoff_curves,
+    "seed_spread_agiri_test_auc.png": seed_spread,
 }
 
 
@@ -330,6 +376,7 @@ def log_figures(results: SweepResults, client, parent_run_id: str, artifact_path
 
 
 __all__ = [
-    "table2", "table3", "table4", "labelled_table", "best_worst", "correlation_table", "cutoff_summary",
+    "table2", "table3", "table4", "labelled_table", "best_worst", "correlation_table", "cells_summary", "variance_table",
+    "cutoff_summary", "cutoff_comparison", "seed_spread",
     "figure4", "figure5", "figure5_cells", "transfer_scatter", "cutoff_curves", "cutoff_metrics", "log_figures", "VIEWS",
 ]

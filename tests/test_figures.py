@@ -235,7 +235,7 @@ def test_transfer_scatter_has_one_marker_per_cell(smoke):
 
 def test_cutoff_curves_and_analysis_tables(smoke):
     from fakedet import figures
-    from fakedet.sweep import analysis
+    from fakedet.sweep import statistics
 
     results, c, parent, children = smoke
     fig = figures.cutoff_curves(results)
@@ -244,17 +244,24 @@ def test_cutoff_curves_and_analysis_tables(smoke):
     assert sorted(t.get_text() for t in fig.get_axes()[-1].get_legend().get_texts()) == ["none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"]
     assert figures.cutoff_metrics(results) == ["agiri_test/auc", "agiri_val/auc", "cifake_test/acc", "cifake_val/loss"]
     corr = figures.correlation_table(results)
-    assert set(corr["method"]) == {"pearson", "spearman", "kendall"} and (corr["n"] == 4).all()
-    # the logged table is what the analysis computes from the cells the views show
-    again = analysis.correlations(results.finished_cells(), ["cifake_test/acc"], ["agiri_test/auc"])
-    logged = corr[(corr.intrinsic == "cifake_test/acc") & (corr.transfer == "agiri_test/auc")].reset_index(drop=True)
-    np.testing.assert_allclose(logged["statistic"], again["statistic"], equal_nan=True)
-    assert len(figures.correlation_table(results, "spearman")) == len(corr) // 3
+    assert {"pearson", "spearman", "kendall"} == set(corr["method"])
+    assert {"cells", "epochs=1", "epochs=2", "within"} <= set(corr["scope"])
+    pooled = figures.correlation_table(results, "spearman", "cells")
+    assert (pooled["n_models"] == 4).all() and (pooled["n_trajectories"] == 2).all()
+    # the logged table is what the analysis computes from the cells the views show (same seed: same resamples)
+    again = statistics.correlation_table(results.finished_cells(), results.points, ["cifake_test/acc"], ["agiri_test/auc"],
+                                         methods=("spearman",), n_boot=1000, n_perm=1000, seed=0, trained_threshold=0.75)
+    mine = again[again["scope"] == "cells"].iloc[0]
+    logged = pooled[(pooled.intrinsic == "cifake_test/acc") & (pooled.transfer == "agiri_test/auc")].iloc[0]
+    assert logged["statistic"] == pytest.approx(mine["statistic"], nan_ok=True)
     summary = figures.cutoff_summary(results)
     assert {"transfer_val", "intrinsic_val_loss", "fixed_1", "fixed_2"} <= set(summary["rule"])
     fixed_1 = summary.set_index("rule").loc["fixed_1"]
     one_epoch = [r.data.metrics["cifake_test/acc"] for r in children.values() if float(r.data.params["epochs"]) == 1]
     assert fixed_1["cifake_test/acc_mean"] == pytest.approx(np.mean(one_epoch))
+    seeds = figures.cells_summary(results)
+    assert (seeds["n_seeds"] == 1).all() and len(seeds) == 4
+    assert set(figures.cutoff_comparison(results)["rule"]) >= {"transfer_val"}
 
 
 # ---- logged to the parent run -------------------------------------------------------------------

@@ -98,5 +98,11 @@ def test_study_views_notebook_shows_the_smoke_sweep(executed):
         png = result(tagged(nb, tag), "image/png")
         assert len(png) > 5000, tag  # base64 of a rendered figure, not an empty canvas
         assert not [o for o in tagged(nb, tag).outputs if o.output_type == "display_data"], f"{tag} shown twice"
-    assert html_rows(result(tagged(nb, "correlations"), "text/html")) == 36  # 3 intrinsic × 4 transfer × 3 methods
+    # spearman rows: 3 intrinsic × 4 transfer × scopes (epochs=1, epochs=2, cells, within and their |trained variants that have cells)
+    corr = result(tagged(nb, "correlations"), "text/html")
+    assert html_rows(corr) % 12 == 0 and html_rows(corr) >= 48 and "<th>ci_low</th>" in corr
+    assert html_rows(result(tagged(nb, "cells_summary"), "text/html")) == 4 and "<th>n_seeds</th>" in result(tagged(nb, "cells_summary"), "text/html")
+    assert "eta_sq" in result(tagged(nb, "variance"), "text/html")
+    assert len(result(tagged(nb, "seed_spread"), "image/png")) > 5000
+    assert "mean_diff" in result(tagged(nb, "cutoff_comparison"), "text/html")
     assert "transfer_val" in result(tagged(nb, "cutoff_summary"), "text/html")

@@ -68,7 +68,7 @@ def test_defaults_live_in_the_schema(tmp_path):
     trials = study.trials()
     assert len(trials) == 3 * 3 * 1  # srm {none, pool1, pool2} × lr {1e-4, 1e-3, 1e-2} × 1 seed
     assert trials[0].trajectories[0].cell_epochs == (1.0, 10.0, 50.0, 100.0)
-    assert study.budget.max_failures == 2 and study.cutoff.patience == 3 and study.data.size == "default"
+    assert study.budget.max_failures == 2 and study.cutoff.patience_epochs == 3 and study.data.size == "default"
 
 
 def test_overrides_are_checked_like_the_file():

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fakedet.config import TrainConfig, dense_eval_points
-from fakedet.data.synthetic import SIZES
+from fakedet.data.synthetic import SIZES, VARIANTS
 from fakedet.models import PLACEMENTS
 from fakedet.sweep.spec import Objective, Trajectory, TrialSpec
 
@@ -172,8 +172,9 @@ class Cutoff(_Section):
     """The transfer-validation metric the transfer-optimal cutoff is chosen on."""
     intrinsic_loss: MetricName = "cifake_val/loss"
     intrinsic_acc: MetricName = "cifake_val/acc"
-    patience: PositiveInt = 3
-    """Evaluation points without an intrinsic_loss improvement before early stopping stops."""
+    patience_epochs: PositiveFloat = 3
+    """Early stopping on intrinsic_loss: epochs without an improvement before it stops (counted in epochs,
+    not evaluation points, which are uneven); the best point is kept."""
     report: Annotated[list[MetricName], Field(min_length=1)] = ["agiri_test/auc", "agiri_test/acc", "cifake_test/acc"]
     """Metrics read at each rule's chosen point (test splits: reported, never chosen on)."""
 
@@ -187,6 +188,33 @@ class Cutoff(_Section):
 class DataOptions(_Section):
     size: Literal[tuple(SIZES)] = "default"  # type: ignore[valid-type]
     """Size of the built-in stand-in when `--data synthetic`."""
+    variant: Literal[tuple(VARIANTS)] = "standard"  # type: ignore[valid-type]
+    """The stand-in's variant when `--data synthetic`: `standard`, or `planted` (cues of known effect on
+    transfer, fakedet/data/STANDIN.md)."""
+
+
+class StatisticsOptions(_Section):
+    """How the analysis measures uncertainty (fakedet/sweep/statistics.py)."""
+
+    n_boot: PositiveInt = 1000
+    """Bootstrap resamples (of whole trajectories) per interval."""
+    n_perm: PositiveInt = 1000
+    """Permutations (of whole trajectories) per p-value; the smallest p is 1/(n_perm + 1)."""
+    seed: int = 0
+    """Seeds every resample: the same sweep gives the same table."""
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    trained_metric: MetricName = "cifake_val/auc"
+    """With `trained_threshold`: the intrinsic validation metric a cell must clear to count as trained."""
+    trained_threshold: float | None = 0.75
+    """`trained` rows keep only cells whose `trained_metric` reaches this, so models still on the all-FAKE
+    plateau (accuracy 0.5, AUC ~0.6-0.7 on the stand-in's first epoch) do not drive the correlation;
+    none: no such rows."""
+
+    @field_validator("trained_metric")
+    @classmethod
+    def _trained_not_on_test(cls, value: str) -> str:
+        refuse_test_split(value, "trained_metric")
+        return value
 
 
 class _StudyFile(_Section):
@@ -196,6 +224,7 @@ class _StudyFile(_Section):
     metrics: Metrics = Metrics()
     cutoff: Cutoff = Cutoff()
     data: DataOptions = DataOptions()
+    statistics: StatisticsOptions = StatisticsOptions()
     presets: dict[str, dict[str, dict[str, Any]]] = {}
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -213,7 +242,7 @@ class HpoFile(_StudyFile):
     budget: HpoBudget = HpoBudget()
 
 
-SECTIONS = ("space", "fixed", "budget", "metrics", "cutoff", "data")
+SECTIONS = ("space", "fixed", "budget", "metrics", "cutoff", "data", "statistics")
 
 
 def _format(path: str, error: ValidationError) -> str:
@@ -321,6 +350,10 @@ class Study:
     @property
     def data(self) -> DataOptions:
         return self.spec.data
+
+    @property
+    def statistics(self) -> StatisticsOptions:
+        return self.spec.statistics
 
     @property
     def presets(self) -> dict[str, dict]:
