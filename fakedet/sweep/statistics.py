@@ -185,12 +185,13 @@ def _scipy_ci(data: tuple, statistic: Callable, n_boot: int, rng: np.random.Gene
         return lo, hi, ""
     dist = np.asarray(res.bootstrap_distribution, float)
     valid = dist[np.isfinite(dist)]
+    undefined = f"{len(dist) - len(valid)} of {len(dist)} resamples undefined (constant values)"
     if len(valid) < 0.5 * len(dist):
-        return math.nan, math.nan, f"{len(dist) - len(valid)} of {len(dist)} resamples undefined (constant values): no interval"
+        return math.nan, math.nan, f"{undefined}: no interval"
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(valid, [alpha, 1 - alpha])
-    undefined = f"; {len(dist) - len(valid)} of {len(dist)} resamples undefined (constant values), left out" if len(valid) < len(dist) else ""
-    return float(lo), float(hi), "percentile interval (BCa undefined here)" + undefined
+    left_out = f"; {undefined}, left out" if len(valid) < len(dist) else ""
+    return float(lo), float(hi), "percentile interval (BCa undefined here)" + left_out
 
 
 def _perm_p(observed: float, null: np.ndarray) -> tuple[float, float]:
@@ -579,7 +580,10 @@ def rule_comparison(
     (rule − baseline) of `metric` at the points the two rules picked; the mean difference with a
     BCa bootstrap interval over trajectories (`scipy.stats.bootstrap`) and a sign-flip
     permutation p (`scipy.stats.permutation_test`). Only trajectories where both rules picked a point
-    count (`n_trajectories`).
+    count (`n_trajectories`). With few trajectories the interval is a little narrow: on null curves
+    (tests/test_statistics.py) it covered 0 in 85-89% of repeats at 10-12 trajectories (a BCa
+    interval of a mean of 10 normal values: 89% of 400; a t interval: 93%); the sign-flip p holds
+    its level, so read both.
 
     strata: columns of `cutoffs` (e.g. ("srm", "lr")) within which trajectories (seeds) are
     resampled, keeping the sweep's design in every resample; strata of a single trajectory cannot
