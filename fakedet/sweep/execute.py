@@ -45,11 +45,11 @@ class SweepOutcome:
 
 
 def prepare_data(plan: SweepPlan, args) -> tuple[Path, str, dict]:
-    size = plan.study.data.size
-    cache = resolve_data(args.data, args.cache_root or default_cache_root(), size=size)
+    size, variant = plan.study.data.size, plan.study.data.variant
+    cache = resolve_data(args.data, args.cache_root or default_cache_root(), size=size, variant=variant)
     data_hash = cache_hash(cache)
     splits = load_splits(cache)
-    say(f"data: {args.data} ({size if args.data == 'synthetic' else cache}), cache {data_hash}; "
+    say(f"data: {args.data} ({f'{size}, {variant}' if args.data == 'synthetic' else cache}), cache {data_hash}; "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     return cache, data_hash, splits
 
