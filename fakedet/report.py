@@ -67,6 +67,11 @@ cells: mean ± std over seeds (unit: model; n_seeds per row; {len(finished)} mod
 diverged (training went non-finite; ended, not retried): {diverged['trajectory'].nunique()} trajectories, "
             f"{len(diverged)} cells: " + ", ".join(sorted(diverged["trajectory"].unique())))
 
+    if finished.empty:
+        say("no cell finished: nothing to correlate or cut off")
+        _log_analysis(results, {"cells": cells, "points": points}, {**record, "study": study.sections()})
+        return 0
+
     # 2. transfer against intrinsic, on independent units
     corr = statistics.correlation_table(finished, points, intrinsic, transfer, n_boot=opts.n_boot, n_perm=opts.n_perm,
                                         seed=opts.seed, confidence=opts.confidence, trained_threshold=opts.trained_threshold,

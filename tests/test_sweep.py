@@ -219,3 +219,40 @@ def test_an_existing_sweep_name_is_refused_unless_resuming(workspace, tmp_path, 
     args[args.index("--storage-path") + 1] = str(tmp_path / "ray_results")
     proc = run(args, timeout=120)
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--resume taken" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_bundled_sweep_logs_the_same_cells_in_half_the_trials(workspace, run):
+    """`--bundle 2`: the two seeds of each placement train in one trial, one fused step; MLflow shows the
+    same cells, names, params and metric keys as `--bundle 1`, final metrics within 1e-3."""
+    sweeps = {}
+    for k in ("1", "2"):
+        proc = run(workspace.args(f"bundle{k}", "--seeds", "2", "--bundle", k))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        c, parent, children = workspace.runs(f"bundle{k}")
+        sweeps[k] = {r.info.run_name: r for r in children}
+        assert len(list((workspace.storage / f"bundle{k}").glob("trial_*"))) == {"1": 4, "2": 2}[k]
+    one, two = sweeps["1"], sweeps["2"]
+    assert sorted(one) == sorted(two) and len(one) == 8  # 2 placements × 2 seeds × epochs {1, 2}
+    ignore = {"sweep"}
+    for name, r1 in one.items():
+        r2 = two[name]
+        assert r2.info.status == "FINISHED"
+        assert {k: v for k, v in r1.data.params.items() if k not in ignore} == {k: v for k, v in r2.data.params.items() if k not in ignore}
+        assert set(r1.data.metrics) == set(r2.data.metrics)
+        for key, value in r1.data.metrics.items():
+            assert r2.data.metrics[key] == pytest.approx(value, abs=1e-3), (name, key)
+
+
+@pytest.mark.slow
+def test_a_diverging_trajectory_is_a_result_not_a_crash(workspace, run):
+    proc = run(workspace.args("diverge1", "--srm", "none,pool1", "--lr", "1e9"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[retry]" not in proc.stdout  # a deterministic divergence is not retried
+    assert "diverged (training went non-finite; ended, not retried): 2 trajectories" in proc.stdout
+    c, parent, children = workspace.runs("diverge1")
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    diverged = [r for r in children if r.data.tags.get("fakedet.status") == "diverged"]
+    assert diverged and all(r.info.status == "FAILED" for r in diverged)
+    for r in diverged:  # what was measured before stays logged
+        assert c.get_metric_history(r.info.run_id, "train/loss"), r.info.run_name
