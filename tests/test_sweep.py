@@ -173,6 +173,12 @@ def test_hpo_smoke(workspace, run):
     c, parent, children = workspace.runs("hpo1")
     assert len(children) == 3
     assert all("agiri_val/auc" in r.data.metrics for r in children)
+    # Optuna and ASHA see the best value so far: monotone in training time, never below the latest value
+    for r in children:
+        best = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "best/agiri_val/auc"), key=lambda m: m.step)]
+        latest = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "agiri_val/auc"), key=lambda m: m.step)]
+        assert best == sorted(best) and best[-1] == pytest.approx(max(latest))
+        assert r.data.metrics["best/agiri_val/auc/epoch"] > 0
 
 
 @pytest.mark.parametrize(
