@@ -71,12 +71,12 @@ def one(kind: str, name: str | None = None) -> dict:
 
 
 @functools.lru_cache(maxsize=1)
-def readme_install() -> tuple[str, str]:
-    """The top-level README's install: (torch pins, the whole command without the sweep)."""
+def readme_install() -> str:
+    """The top-level README's install command, without the main job: every package pinned by constraints.txt."""
     text = (ROOT / "README.md").read_text()
-    m = re.search(r"pip install (torch==\S+ torchvision==\S+) && pip install -e '\.\[dev\]'", text)
-    assert m, "README.md no longer shows `pip install torch==... torchvision==... && pip install -e '.[dev]'`"
-    return m.group(1), m.group(0)
+    m = re.search(r"pip install -c constraints\.txt -e '\.\[dev\]'", text)
+    assert m, "README.md no longer shows `pip install -c constraints.txt -e '.[dev]'`"
+    return m.group(0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -341,7 +341,7 @@ def test_launcher_has_a_head_and_gpu_workers(cloud):
 @pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
 def test_launcher_installs_the_project_as_the_readme_does(cloud):
     cfg = load(LAUNCHERS[cloud])[0]
-    _, install = readme_install()
+    install = readme_install()
     commands = cfg.get("setup_commands", []) + cfg.get("head_setup_commands", []) + cfg.get("worker_setup_commands", [])
     assert any(install in c for c in commands), f"setup_commands should run the README's `{install}`"
     assert cfg["docker"]["image"] == f"rayproject/ray:{pinned_ray()}-py311-gpu"
@@ -818,7 +818,7 @@ def test_fakedet_image_is_rays_image_plus_the_readme_install():
     text = (CLUSTER / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
     assert base == f"rayproject/ray:{pinned_ray()}-py311-gpu"
-    assert readme_install()[1] in text
+    assert readme_install() in text
     ignore = [l.strip() for l in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines() if l.strip()[:1] not in ("", "#")]
     assert ".git" not in ignore, "the image records its commit: keep .git in the build context"
     assert {"data", "cache", "ray_results", "mlflow.db"} <= set(ignore)
