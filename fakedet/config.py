@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -38,6 +39,13 @@ class TrainConfig:
     """Images per forward pass during evaluation; no effect on results."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    deterministic: bool = False
+    """GPU only; CPU runs are bit-exact either way. False (fast, the default): cuDNN benchmarks its
+    algorithms and keeps the fastest, some of which sum in a varying order, so two GPU runs of one
+    config, and a resumed or prefix-shared run against an uninterrupted one, agree only to rounding.
+    True: deterministic algorithms (`torch.use_deterministic_algorithms`, `cudnn.deterministic`,
+    `CUBLAS_WORKSPACE_CONFIG=:4096:8`): GPU runs repeat bit for bit on the same GPU model and
+    software, at the cost of the faster algorithms (README, "GPU", gives the measured cost)."""
 
     def __post_init__(self) -> None:
         # eval_at may arrive as a list (from JSON, argparse or Ray); keep the dataclass hashable.
@@ -58,6 +66,11 @@ class TrainConfig:
             errors.append(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
             errors.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        # numpy's seed sequences take non-negative integers, torch.manual_seed at most 64 bits
+        if not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**64):
+            errors.append(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if not isinstance(self.deterministic, bool):
+            errors.append(f"deterministic must be true or false, got {self.deterministic!r}")
         if self.shuffle not in SHUFFLE_MODES:
             errors.append(f"shuffle must be one of {SHUFFLE_MODES}, got {self.shuffle!r}")
         bad_points = [e for e in self.eval_at if not (e > 0 and e <= self.epochs)]

@@ -1,7 +1,7 @@
-"""Scoring images: the preprocessing every forward pass uses, batched prediction, and `fakedet predict`.
+"""`fakedet predict`: score image files with a trained model.
 
-Preprocessing follows the reference project: uint8 RGB → /255 → ToTensor → Normalize(0.5, 0.5), i.e.
-values in [-1, 1]. The model returns a logit; its sigmoid is the probability that an image is REAL.
+The preprocessing and batched prediction it uses are the library's (`fakedet.preprocess`), the same
+that evaluation during training uses.
 """
 
 from __future__ import annotations
@@ -12,86 +12,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn as nn
 
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA where available, else the CPU; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
-
-
-def uint8_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(images, torch.Tensor):
-        return images
-    images = np.ascontiguousarray(images)
-    # torch warns on read-only arrays (memory-mapped caches); a batch-sized copy is cheap
-    return torch.from_numpy(images if images.flags.writeable else images.copy())
-
-
-def preprocess(images_uint8: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 N×H×W×3 (numpy or torch, any device; 32×32 here) → float32 N×3×H×W on `device`, in [-1, 1].
-
-    (x - 127.5) / 127.5 equals the reference's (x/255 - 0.5)/0.5: the subtraction is exact in
-    float32 and the one division is correctly rounded, so the result is the float32 rounding of the
-    exact value, as the reference's float64 computation cast to float32 is. The uint8 data move to
-    the device before the cast (4× less to transfer); the cast also makes the layout contiguous NCHW.
-    """
-    x = uint8_tensor(images_uint8)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images N×H×W×3, got {x.dtype} {tuple(x.shape)}")
-    if device is not None:
-        x = x.to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).sub_(127.5).div_(127.5)
-
-
-def predict_logits(
-    model: nn.Module,
-    images_uint8: np.ndarray | torch.Tensor,
-    batch_size: int = 1024,
-    device: torch.device | str | None = None,
-) -> np.ndarray:
-    """Logits (float32, N) of `model` in eval mode; the model's train/eval mode is restored after.
-
-    `device` is where batches go (default: the device of the model's parameters); the model must
-    already be there.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = [
-                model(preprocess(images_uint8[i : i + batch_size], device)).reshape(-1)
-                for i in range(0, len(images_uint8), batch_size)
-            ]
-    finally:
-        model.train(was_training)
-    if not out:
-        return np.zeros(0, dtype=np.float32)
-    return torch.cat(out).float().cpu().numpy()
-
-
-def predict_proba(
-    model: nn.Module,
-    images_uint8: np.ndarray | torch.Tensor,
-    batch_size: int = 1024,
-    device: torch.device | str | None = None,
-) -> np.ndarray:
-    """P(REAL) per image: the sigmoid of `predict_logits` (float32, N)."""
-    return torch.sigmoid(torch.from_numpy(predict_logits(model, images_uint8, batch_size, device))).numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# `fakedet predict`
+from fakedet.preprocess import predict_proba, resolve_device
 
 
 def add_predict_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,10 +1,12 @@
 """The one training function. The CLI, sweeps, notebooks, benchmarks and tests all call `train`.
 
 Data arrive as `ImageSet`s (uint8 N×32×32×3). They are put on the device once as uint8 and batched
-there (no DataLoader: at 32×32 the per-batch Python of a DataLoader costs more than the model).
-Every shuffle is derived from (seed, epoch) alone, so a run resumed from a checkpoint at any step
-continues exactly as if never stopped, and with a constant learning rate the state after epoch 10 of
-a 100-epoch run is the state of a 10-epoch run with the same seed.
+there (no DataLoader: at 32×32 the per-batch Python of a DataLoader costs more than the model); each
+batch is normalised on the device as it is drawn. Every shuffle is derived from (seed, epoch) alone,
+so a run resumed from a checkpoint at any step continues exactly as if never stopped, and with a
+constant learning rate the state after epoch 10 of a 100-epoch run is the state of a 10-epoch run
+with the same seed. "Exactly" is bit for bit on the CPU; on a GPU it holds with
+`TrainConfig.deterministic` and to rounding without it (README, "GPU").
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.metrics import score_logits
 from fakedet.models import build_model
-from fakedet.predict import predict_logits, preprocess, resolve_device, uint8_tensor
+from fakedet.preprocess import (
+    algorithms,
+    host_sync_allowed,
+    ieee_float32,
+    predict_logits,
+    preprocess,
+    resolve_device,
+    to_device,
+    uint8_tensor,
+)
 
 STATE_FORMAT = "fakedet-train-state/1"
 
@@ -41,11 +52,16 @@ class EvalRecord:
     """`{set_name: {metric: value}}`, including `train: {loss}`: mean batch loss since the previous point."""
     elapsed_s: float
     """Training and evaluation seconds so far in this run (a resumed run counts from its resume)."""
+    diverged: bool = False
+    """The training loss since the previous point, or a logit of some evaluation set, is not finite
+    (NaN or infinite): training ends here. A set with non-finite logits is not scored; its metrics
+    are `{nonfinite: count, n: size}`."""
     logits: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """Per evaluation set, the logits at this point; passed to callbacks, never kept in the history."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "elapsed_s": self.elapsed_s, "metrics": self.metrics}
+        return {"epoch": self.epoch, "step": self.step, "elapsed_s": self.elapsed_s, "diverged": self.diverged,
+                "metrics": self.metrics}
 
     def flat(self) -> dict[str, float]:
         """Metrics as `<set>/<metric>`, the names MLflow and Ray see."""
@@ -60,6 +76,9 @@ class TrainResult:
     """One `EvalRecord.to_dict()` per evaluation point, in order."""
     steps_per_epoch: int
     stopped_early: bool = False
+    """The callback asked to stop before the last evaluation point."""
+    diverged: bool = False
+    """Training ended at the last record of `history` because the loss or logits stopped being finite."""
 
     @property
     def final(self) -> dict[str, Any]:
@@ -112,8 +131,15 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 def evaluate(
     model: nn.Module, image_set: ImageSet, device: torch.device, batch_size: int = 1024, images: torch.Tensor | None = None
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Score one set: (metrics, logits). `images` is the set already on `device` (uint8), if at hand."""
+    """Score one set: (metrics, logits). `images` is the set already on `device` (uint8), if at hand.
+
+    Logits that are not all finite (a diverged model) are not scored (sklearn refuses NaN): the metrics
+    are then `{nonfinite: count, n: size}`.
+    """
     logits = predict_logits(model, image_set.images if images is None else images, batch_size, device)
+    nonfinite = int(np.count_nonzero(~np.isfinite(logits)))
+    if nonfinite:
+        return {"nonfinite": nonfinite, "n": len(logits)}, logits
     return score_logits(image_set, logits), logits
 
 
@@ -130,7 +156,12 @@ def train(
 
     `resume` is a state returned by the callback's snapshot function: training continues from its step
     and its history is kept. Pure apart from the optional callback and progress bar: the same config
-    and data give the same result (bit for bit on CPU).
+    and data give the same result (bit for bit on CPU; on a GPU see `TrainConfig.deterministic`).
+
+    A run whose training loss or logits stop being finite ends at the evaluation point that sees it:
+    the record there (and the result) says `diverged`, and the callback still gets it. Finiteness is
+    read at evaluation points only, where the host waits for the GPU anyway; the training steps never
+    make it wait (they may run under `torch.cuda.set_sync_debug_mode("error")`).
     """
     cfg.validate()
     eval_sets = dict(eval_sets or {})
@@ -139,33 +170,47 @@ def train(
     if len(train_set) == 0 or len(np.unique(train_set.labels)) < 2:
         raise ValueError(f"training set {train_set.name!r} must hold both REAL and FAKE images")
     device = resolve_device(cfg.device)
+    with algorithms(cfg.deterministic), ieee_float32():
+        return _train(cfg, train_set, eval_sets, device, on_eval, resume, progress)
 
+
+def _train(
+    cfg: TrainConfig,
+    train_set: ImageSet,
+    eval_sets: dict[str, ImageSet],
+    device: torch.device,
+    on_eval: EvalCallback | None,
+    resume: dict[str, Any] | None,
+    progress: bool,
+) -> TrainResult:
     schedule = BatchSchedule(len(train_set), cfg.batch_size, cfg.shuffle, cfg.seed)
     spe = schedule.steps_per_epoch
     n_total = total_steps(cfg, spe)
     points = eval_steps(cfg, spe)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.arch, cfg.srm).to(device)
-    # foreach: one multi-tensor update for the ten parameter tensors instead of a Python loop over them
-    # (torch's default on the CPU); the same arithmetic, about 4% of a CPU step saved
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-    criterion = nn.BCEWithLogitsLoss()  # the reference's sigmoid + BCELoss, in the numerically stable form
+    with host_sync_allowed(device):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.arch, cfg.srm).to(device)
+        # foreach: one multi-tensor update for the ten parameter tensors instead of a Python loop over them
+        # (torch's default on the CPU); the same arithmetic, about 4% of a CPU step saved
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        criterion = nn.BCEWithLogitsLoss()  # the reference's sigmoid + BCELoss, in the numerically stable form
 
-    step, history = 0, []
-    if resume is not None:
-        _check_resumable(resume, cfg)
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        step, history = int(resume["step"]), list(resume["history"])
-    points = [p for p in points if p > step]
+        step, history = 0, []
+        if resume is not None:
+            _check_resumable(resume, cfg)
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            step, history = int(resume["step"]), list(resume["history"])
+        points = [p for p in points if p > step]
 
-    # Normalised once, up front (4 bytes a value: 1.1 GB for CIFAKE's 90k training images): each step is
-    # then one gather, as in the reference loop whose batches were pre-built tensors.
-    images = torch.cat([preprocess(train_set.images[i : i + 8192], device) for i in range(0, len(train_set), 8192)])
-    labels = torch.from_numpy(np.asarray(train_set.labels, dtype=np.float32)).to(device)
-    eval_images = {k: uint8_tensor(s.images).to(device) for k, s in eval_sets.items()}
+        # Every set goes to the device once, as uint8 (1 byte a value: 276 MB for CIFAKE's 90k training
+        # images, not the 1.1 GB of a float32 copy); each step gathers its batch and normalises it there.
+        images = uint8_tensor(train_set.images).to(device)
+        labels = torch.from_numpy(np.asarray(train_set.labels, dtype=np.float32)).to(device)
+        eval_images = {k: uint8_tensor(s.images).to(device) for k, s in eval_sets.items()}
+        loss_sum = torch.zeros((), device=device)
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -177,19 +222,30 @@ def train(
             "history": list(history),
         }
 
+    def evaluation_point() -> EvalRecord:
+        # the one place the host reads training values back: the mean loss and the logits
+        train_loss = float(loss_sum) / loss_steps
+        diverged = not math.isfinite(train_loss)
+        metrics, logits = {"train": {"loss": train_loss}}, {}
+        for name, image_set in eval_sets.items():
+            metrics[name], logits[name] = evaluate(model, image_set, device, cfg.eval_batch_size, eval_images[name])
+            diverged = diverged or not np.isfinite(logits[name]).all()
+        return EvalRecord(step / spe, step, metrics, time.perf_counter() - started, diverged, logits)
+
     model.train()
     started = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
     loss_steps = 0
-    stopped_early = False
+    stopped_early = diverged = False
     bar = tqdm(total=n_total, initial=step, unit="step", desc=f"train {cfg.srm} lr={cfg.lr:g}", disable=not progress)
-    epoch_index, batches = -1, []
+    epoch_index, order = -1, None
     while points:
         if step // spe != epoch_index:
             epoch_index = step // spe
-            batches = [torch.from_numpy(b).to(device) for b in schedule.epoch(epoch_index)]
-        idx = batches[step % spe]
-        loss = criterion(model(images[idx]), labels[idx])
+            # the epoch's batches, row indices end to end (batch k is rows k*batch_size onwards)
+            order = to_device(np.concatenate(schedule.epoch(epoch_index)), device)
+        start = (step % spe) * cfg.batch_size
+        idx = order[start : start + cfg.batch_size]
+        loss = criterion(model(preprocess(images[idx])), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -199,20 +255,20 @@ def train(
         bar.update(1)
         if step == points[0]:
             points.pop(0)
-            metrics = {"train": {"loss": float(loss_sum) / loss_steps}}
-            logits = {}
-            for name, image_set in eval_sets.items():
-                metrics[name], logits[name] = evaluate(model, image_set, device, cfg.eval_batch_size, eval_images[name])
-            record = EvalRecord(step / spe, step, metrics, time.perf_counter() - started, logits)
-            history.append(record.to_dict())
-            loss_sum.zero_()
-            loss_steps = 0
-            if on_eval is not None and on_eval(record, snapshot):
-                stopped_early = bool(points)
-                break
+            with host_sync_allowed(device):
+                record = evaluation_point()
+                history.append(record.to_dict())
+                loss_sum.zero_()
+                loss_steps = 0
+                diverged = record.diverged
+                if on_eval is not None and on_eval(record, snapshot) and points:
+                    stopped_early = not diverged
+                    break
+                if diverged:
+                    break
     bar.close()
     model.eval()
-    return TrainResult(cfg, model, history, spe, stopped_early)
+    return TrainResult(cfg, model, history, spe, stopped_early, diverged)
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -230,7 +286,8 @@ def _check_resumable(state: dict[str, Any], cfg: TrainConfig) -> None:
         raise ValueError("resume state is not a fakedet training state")
     saved = dict(state["config"])
     # A resumed run may train longer or evaluate elsewhere; everything that shapes the trajectory must match.
-    ignore = {"epochs", "eval_at", "eval_batch_size", "device"}
+    # The device and the GPU algorithm choice change rounding only, not the arithmetic asked for.
+    ignore = {"epochs", "eval_at", "eval_batch_size", "device", "deterministic"}
     ours = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
     theirs = {k: v for k, v in saved.items() if k not in ignore}
     if ours != theirs:

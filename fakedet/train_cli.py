@@ -27,7 +27,9 @@ def parse_points(text: str) -> tuple[float, ...]:
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model on prepared data and save a checkpoint",
-                       description="Train one model with the study's protocol (every option's default is the study's).")
+                       description="Train one model with the study's protocol (every option's default is the study's).",
+                       epilog="A run whose loss or logits stop being finite ends at the evaluation point that sees it: "
+                       "it prints one line saying so, writes the history (with --history) but no checkpoint, and exits 1.")
     add_data_arguments(p)  # --data, --data-size, --cache-root
     p.add_argument("--preset", choices=sorted(PRESETS), help="the study's models: base (10 epochs), srm (SRM at pool1, 10 epochs), mini (1 epoch)")
     p.add_argument("--arch", choices=sorted(ARCHITECTURES))
@@ -40,6 +42,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-at", type=parse_points, help="extra evaluation points in epochs, e.g. 0.25,0.5,1,5")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic GPU algorithms: GPU runs repeat bit for bit, a little slower (CPU runs always do)")
     p.add_argument("--out", type=Path, default=Path("checkpoints/model.pt"), help="checkpoint path (default: checkpoints/model.pt)")
     p.add_argument("--history", type=Path, help="also write the evaluation history as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny data and one epoch: a check that everything runs")
@@ -55,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     if args.smoke:
         values["epochs"] = 1
-    for name in ("arch", "srm", "epochs", "lr", "momentum", "batch_size", "shuffle", "seed", "eval_at", "device"):
+    for name in ("arch", "srm", "epochs", "lr", "momentum", "batch_size", "shuffle", "seed", "eval_at", "device", "deterministic"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return TrainConfig(**values)
@@ -84,6 +88,11 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"training {cfg.arch} srm={cfg.srm} for {cfg.epochs:g} epochs on {len(splits['cifake_train'])} images "
           f"({args.data}, cache {cache_hash(cache)})", file=sys.stderr)
     result = train(cfg, splits["cifake_train"], eval_sets, progress=not args.no_progress)
+    record = {"config": cfg.to_dict(), "data": args.data, "data_hash": cache_hash(cache), **run_record(cfg.device)}
+    if result.diverged:
+        print(f"fakedet train: {divergence_message(result.final)}; no checkpoint written", file=sys.stderr)
+        _write_history(args.history, record, result.history)
+        return 1
 
     final = result.final["metrics"]
     rows = {name: {k: m[k] for k in SUMMARY_METRICS if k in m} for name, m in final.items() if name != "train"}
@@ -91,11 +100,25 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"\nafter {result.final['epoch']:g} epochs (train loss {final['train']['loss']:.4f}):")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
 
-    record = {"config": cfg.to_dict(), "data": args.data, "data_hash": cache_hash(cache), **run_record(cfg.device)}
-    save_checkpoint(args.out, result.model, {**cfg.to_dict(), "record": record})
+    # saved from the CPU, so that the file loads anywhere, also with a plain torch.load on a machine without CUDA
+    save_checkpoint(args.out, result.model.cpu(), {**cfg.to_dict(), "record": record})
     print(f"\ncheckpoint: {args.out}")
-    if args.history:
-        args.history.parent.mkdir(parents=True, exist_ok=True)
-        args.history.write_text(json.dumps({**record, "history": result.history}, indent=1))
-        print(f"history: {args.history}")
+    _write_history(args.history, record, result.history)
     return 0
+
+
+def divergence_message(point: dict) -> str:
+    """One line on a diverged evaluation point (an `EvalRecord.to_dict()`)."""
+    metrics = point["metrics"]
+    reasons = [f"training loss {metrics['train']['loss']:g}"]
+    sets = [name for name, m in metrics.items() if "nonfinite" in m]
+    if sets:
+        reasons.append("non-finite logits on " + ", ".join(sets))
+    return f"the run diverged at epoch {point['epoch']:g} (step {point['step']}): {'; '.join(reasons)} (a lower --lr may help)"
+
+
+def _write_history(path: Path | None, record: dict, history: list[dict]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**record, "history": history}, indent=1))
+        print(f"history: {path}")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from fakedet.data.decode import DecodeOptions, decode_image
 from fakedet.models import build_model, load_checkpoint, load_reference_checkpoint, save_checkpoint
-from fakedet.predict import predict_proba
+from fakedet.preprocess import predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,7 @@ module that always holds `attend` but applies it only when SRM is active, fc3 th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,16 @@ from PIL import Image
 
 from fakedet.models import load_reference_checkpoint
 from fakedet.data.decode import DecodeOptions, decode_image
-from fakedet.predict import predict_proba, preprocess
+from fakedet.preprocess import predict_proba, preprocess
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# beside the repository (../shared/reference), or where FAKEDET_REFERENCE_DIR says (a GPU machine's copy)
+REFERENCE = Path(os.environ.get("FAKEDET_REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference")
 CHECKPOINTS = [("base_model.pth", "none"), ("mini_model.pth", "none"), ("SRM_model.pth", "pool1")]
 
 pytestmark = pytest.mark.skipif(
     not all((REFERENCE / name).is_file() for name, _ in CHECKPOINTS),
-    reason=f"the study's checkpoints are not at {REFERENCE} (expected ../shared/reference beside the repository)",
+    reason=f"the study's checkpoints are not at {REFERENCE} (expected ../shared/reference beside the repository, "
+    "or FAKEDET_REFERENCE_DIR)",
 )
 
 

@@ -1,9 +1,13 @@
+import math
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import toy_set
 from fakedet.config import TrainConfig, dense_eval_points
+from fakedet.preprocess import algorithms, ieee_float32, preprocess
 from fakedet.train import BatchSchedule, eval_steps, train
 
 
@@ -109,7 +113,9 @@ def test_real_only_set_is_scored_by_real_recall():
 @pytest.mark.parametrize(
     "kw, message",
     [({"srm": "pool9"}, "srm placement"), ({"lr": 0}, "lr must be > 0"), ({"epochs": 0}, "epochs must be a positive"),
-     ({"eval_at": (5,), "epochs": 2}, "eval_at points"), ({"shuffle": "random"}, "shuffle must be")],
+     ({"eval_at": (5,), "epochs": 2}, "eval_at points"), ({"shuffle": "random"}, "shuffle must be"),
+     ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64\), got -1"), ({"seed": 2**64}, "seed must be"),
+     ({"seed": 1.5}, "seed must be"), ({"deterministic": "yes"}, "deterministic must be")],
 )
 def test_bad_configs_are_refused_with_a_clear_message(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -125,3 +131,128 @@ def test_dense_points_cover_the_first_epoch_and_end():
     points = dense_eval_points(100)
     assert points[0] < 0.1 and 1.0 in points and 10.0 in points and points[-1] == 100
     assert list(points) == sorted(set(points))
+
+
+def test_seed_bounds_are_the_rngs_bounds():
+    for seed in (0, 2**64 - 1, np.int64(7)):  # numpy and torch both take these
+        TrainConfig(seed=seed)
+        np.random.default_rng([seed, 0])
+        torch.Generator().manual_seed(int(seed))
+
+
+def test_batch_normalised_on_its_own_equals_rows_of_the_normalised_set():
+    # training keeps uint8 images and normalises each batch: the bits of the old normalise-once path
+    images = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    idx = torch.from_numpy(np.random.default_rng(1).permutation(300)[:32])
+    assert torch.equal(preprocess(torch.from_numpy(images)[idx]), preprocess(images)[idx])
+
+
+def test_deterministic_mode_changes_nothing_on_the_cpu_and_restores_global_flags():
+    data, test = toy_set(96, 0), toy_set(32, 1, "cifake_test")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+    fast = train(small_cfg(epochs=1), data, {"cifake_test": test})
+    exact = train(small_cfg(epochs=1, deterministic=True), data, {"cifake_test": test})
+    assert curves(fast.history) == curves(exact.history)
+    after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+    assert after == before
+
+
+def first_state(cfg, data):
+    """The resumable state at the first evaluation point of `cfg` on `data`."""
+    saved = []
+
+    def keep_and_stop(record, snapshot):
+        saved.append(snapshot())
+        return True
+
+    train(cfg, data, on_eval=keep_and_stop)
+    return saved[0]
+
+
+def test_float32_mode_turns_tf32_off_and_back():
+    before = torch.backends.cudnn.allow_tf32
+    with ieee_float32():
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_deterministic_mode_refuses_a_process_that_used_cuda_without_the_cublas_setting(monkeypatch):
+    # torch reads CUBLAS_WORKSPACE_CONFIG at the process's first cuBLAS call: too late to set it then
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8"):
+        with algorithms(True):
+            pass
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    with algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_a_state_resumes_under_the_other_algorithm_choice():
+    data = toy_set(64, 0)
+    state = first_state(small_cfg(epochs=2, eval_at=(1,)), data)
+    resumed = train(small_cfg(epochs=2, eval_at=(1,), deterministic=True), data, resume=state)
+    assert [h["epoch"] for h in resumed.history] == [1.0, 2.0]
+
+
+class HostReads:
+    """Counts every way a tensor's values reach Python: what would make the host wait for a GPU."""
+
+    METHODS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__", "__array__")
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def method(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        return method
+
+
+def test_training_steps_read_nothing_back_to_the_host(monkeypatch):
+    # The CPU stand-in for tests/test_gpu.py's sync check: with the same evaluation points, twice the
+    # steps must not read one value more (reads happen at evaluation points only).
+    data, test = toy_set(160, 0), toy_set(40, 1, "cifake_test")
+    reads = HostReads(monkeypatch)
+    train(small_cfg(epochs=1, batch_size=16), data, {"cifake_test": test})
+    one_epoch, reads.count = reads.count, 0
+    train(small_cfg(epochs=2, batch_size=16), data, {"cifake_test": test})
+    assert reads.count == one_epoch > 0
+
+
+def diverged_state(cfg, data):
+    """A resumable state at the first evaluation point, with NaN in one weight (a blown-up run)."""
+    state = first_state(cfg, data)
+    state["model"]["fc3.weight"][0, 0] = float("nan")
+    return state
+
+
+def test_divergence_ends_training_at_the_point_that_sees_it():
+    data, test, cifar = toy_set(64, 0), toy_set(32, 1, "cifake_test"), toy_set(20, 2, real_only=True)
+    cfg = small_cfg(epochs=3, eval_at=(1, 2))
+    state = diverged_state(cfg, data)
+    seen = []
+    result = train(cfg, data, {"cifake_test": test, "cifar100_test": cifar}, resume=state,
+                   on_eval=lambda record, snapshot: seen.append(record.diverged))
+    assert result.diverged and not result.stopped_early
+    assert seen == [True]  # the callback saw the diverged point; nothing was trained after it
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0]
+    assert [h["diverged"] for h in result.history] == [False, True]
+    final = result.final["metrics"]
+    assert math.isnan(final["train"]["loss"])
+    assert final["cifake_test"] == {"nonfinite": 32, "n": 32} and final["cifar100_test"] == {"nonfinite": 20, "n": 20}
+
+
+def test_a_learning_rate_far_too_high_diverges_without_an_exception():
+    cfg = small_cfg(epochs=20, eval_at=(1, 2, 5, 10), lr=1e4, momentum=0.99)
+    result = train(cfg, toy_set(64, 0), {"cifake_test": toy_set(32, 1)})
+    assert result.diverged and result.history[-1]["diverged"] and result.final["epoch"] < 20
+    assert not any(h["diverged"] for h in result.history[:-1])

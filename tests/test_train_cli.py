@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fakedet.models import load_checkpoint
@@ -34,8 +35,26 @@ def test_train_smoke_writes_a_checkpoint_history_and_summary(tmp_path):
     assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"].startswith(torch.__version__.split("+")[0])
 
 
-def test_train_bad_config_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fakedet", "train", "--lr", "-1", "--cache-root", str(tmp_path)],
+@pytest.mark.parametrize("args, message", [(["--lr", "-1"], "lr must be > 0"), (["--seed", "-1"], "seed must be an integer in [0, 2**64), got -1")])
+def test_train_bad_config_is_a_clear_error(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "fakedet", "train", *args, "--cache-root", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "lr must be > 0" in proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_diverging_run_says_so_in_one_line_and_writes_no_checkpoint(tmp_path, tiny_root):
+    out, history = tmp_path / "m.pt", tmp_path / "h.json"
+    # lr 10 with momentum 0.99 blows the weights up within the tiny stand-in's first epoch
+    proc = subprocess.run(
+        [sys.executable, "-m", "fakedet", "train", "--smoke", "--lr", "10", "--momentum", "0.99", "--eval-at", "0.5",
+         "--cache-root", str(tiny_root), "--out", str(out), "--history", str(history), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fakedet train:")]
+    assert len(errors) == 1 and "the run diverged at epoch" in errors[0] and "no checkpoint written" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    points = json.loads(history.read_text())["history"]
+    assert points[-1]["diverged"] and not any(p["diverged"] for p in points[:-1])
