@@ -46,7 +46,7 @@ from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.metrics import score_logits
 from fakedet.models import build_model
-from fakedet.predict import preprocess, resolve_device, uint8_tensor
+from fakedet.preprocess import preprocess, resolve_device, uint8_tensor
 from fakedet.train import (
     STATE_FORMAT,
     BatchSchedule,

@@ -20,7 +20,7 @@ from fakedet.config import TrainConfig
 # Where a trial's checkpoint holds the artifacts of the cells that end at its step (one folder per cell's epochs)
 CELL_ARTIFACTS = "cell_artifacts"
 # Fields that change how a run is executed or scored, never what it learns: left out of a cell's identity.
-RUNTIME_FIELDS = ("eval_at", "eval_batch_size", "device")
+RUNTIME_FIELDS = ("eval_at", "eval_batch_size", "device", "deterministic")
 
 
 def fmt_epochs(epochs: float) -> str:
