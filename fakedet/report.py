@@ -58,13 +58,11 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     for m in shown_metrics:
         table[m] = [_mean_std(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
     n_traj = finished["trajectory"].nunique()
-    say(f"
-cells: mean ± std over seeds (unit: model; n_seeds per row; {len(finished)} models in {n_traj} trajectories):")
+    say(f"\ncells: mean ± std over seeds (unit: model; n_seeds per row; {len(finished)} models in {n_traj} trajectories):")
     say(table.rename(columns={"cell_epochs": "epochs"}).to_string(index=False))
     diverged = cells[cells["diverged"].astype(bool)] if "diverged" in cells else cells.iloc[0:0]
     if len(diverged):
-        say(f"
-diverged (training went non-finite; ended, not retried): {diverged['trajectory'].nunique()} trajectories, "
+        say(f"\ndiverged (training went non-finite; ended, not retried): {diverged['trajectory'].nunique()} trajectories, "
             f"{len(diverged)} cells: " + ", ".join(sorted(diverged["trajectory"].unique())))
 
     if finished.empty:
@@ -89,8 +87,7 @@ diverged (training went non-finite; ended, not retried): {diverged['trajectory']
                           for m in transfer if m in finished], ignore_index=True) if len(finished) else pd.DataFrame()
     if len(variance):
         shares = variance.pivot_table(index="metric", columns="factor", values="eta_sq", sort=False)
-        say("
-share of each transfer metric's variance across cells (eta squared, main-effects ANOVA; a description of "
+        say("\nshare of each transfer metric's variance across cells (eta squared, main-effects ANOVA; a description of "
             "this grid, no p-values: cells of a trajectory are nested):")
         say(shares.to_string(float_format=lambda v: f"{v:.3f}"))
         for row in variance.dropna(subset=["eta_sq"]).itertuples():
@@ -104,12 +101,10 @@ share of each transfer metric's variance across cells (eta squared, main-effects
     strata = [c for c in ("srm", "lr") if c in cutoffs]
     comparison = statistics.rule_comparison(cutoffs, cut.report[0], baseline="intrinsic_val_loss", n_boot=opts.n_boot,
                                             n_perm=opts.n_perm, seed=opts.seed, confidence=opts.confidence, strata=strata)
-    say(f"
-cutoffs: mean and std over the same {int(cut_summary['n'].max()) if len(cut_summary) else 0} trajectories "
+    say(f"\ncutoffs: mean and std over the same {int(cut_summary['n'].max()) if len(cut_summary) else 0} trajectories "
         f"(unit: trajectory; transfer_val is chosen on {cut.select_on}, never on a test split; oracle_test is a reference, not a rule):")
     say(cut_summary.to_string(index=False, float_format=_fmt))
-    say(f"
-rules against intrinsic_val_loss on {cut.report[0]}, paired by trajectory:")
+    say(f"\nrules against intrinsic_val_loss on {cut.report[0]}, paired by trajectory:")
     say(comparison.to_string(index=False, float_format=_fmt))
     for row in cut_summary.to_dict("records"):
         for key in ("epoch", *cut.report):

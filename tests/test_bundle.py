@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import toy_set
 from fakedet.bundle import StackedModels, build_initial, epoch_order, train_bundle
 from fakedet.config import TrainConfig
 from fakedet.train import BatchSchedule, train
@@ -39,8 +38,8 @@ VARIED = [
 ]
 
 
-def data():
-    return toy_set(160, 0), {"cifake_test": toy_set(64, 1, "cifake_test"), "cifar100_test": toy_set(24, 2, real_only=True)}
+def data(toy):
+    return toy(160, 0), {"cifake_test": toy(64, 1, "cifake_test"), "cifar100_test": toy(24, 2, real_only=True)}
 
 
 def assert_same_history(solo, bundled, atol=ATOL):
@@ -73,8 +72,8 @@ def bundle_snapshots(store):
 
 
 @pytest.mark.parametrize("srm", ["none", "pool1"])
-def test_bundle_equals_each_model_trained_alone(srm):
-    train_set, eval_sets = data()
+def test_bundle_equals_each_model_trained_alone(toy, srm):
+    train_set, eval_sets = data(toy)
     cfgs = [small_cfg(srm=srm, **v) for v in VARIED]
     solo_states, bundle_states = {}, {}
     solo = [train(cfg, train_set, eval_sets, on_eval=solo_snapshots(solo_states.setdefault(k, {})))
@@ -106,8 +105,8 @@ def test_bundle_equals_each_model_trained_alone(srm):
         assert not torch.equal(means[0], torch.zeros_like(means[0])) and not torch.equal(means[0], means[1])
 
 
-def test_callback_sees_each_models_logits_and_can_stop_one_model():
-    train_set, eval_sets = data()
+def test_callback_sees_each_models_logits_and_can_stop_one_model(toy):
+    train_set, eval_sets = data(toy)
     cfgs = [small_cfg(**v) for v in VARIED]
     seen = []
 
@@ -129,8 +128,8 @@ def test_callback_sees_each_models_logits_and_can_stop_one_model():
         assert_same_history(alone.history, bundled[k].history)
 
 
-def test_resumed_bundle_equals_uninterrupted_and_states_cross_between_bundle_and_solo():
-    train_set, eval_sets = data()
+def test_resumed_bundle_equals_uninterrupted_and_states_cross_between_bundle_and_solo(toy):
+    train_set, eval_sets = data(toy)
     cfgs = [small_cfg(epochs=3, eval_at=(1, 2), srm="pool1", **v) for v in VARIED[:2]]
     full = train_bundle(cfgs, train_set, eval_sets)
     states = {}
@@ -166,8 +165,8 @@ def test_resumed_bundle_equals_uninterrupted_and_states_cross_between_bundle_and
         assert_same_state(a.model.state_dict(), b.model.state_dict())
 
 
-def test_a_diverging_model_ends_alone_and_the_others_go_on():
-    train_set, eval_sets = data()
+def test_a_diverging_model_ends_alone_and_the_others_go_on(toy):
+    train_set, eval_sets = data(toy)
     # lr 1e30: the first update sends the weights past float32's range, so the loss turns inf/nan
     cfgs = [small_cfg(**VARIED[0]), small_cfg(seed=5, lr=1e30), small_cfg(**VARIED[1])]
     calls = []
@@ -188,13 +187,13 @@ def test_a_diverging_model_ends_alone_and_the_others_go_on():
      ({"epochs": 1, "eval_at": ()}, "differ in 'epochs'"), ({"eval_at": (1,)}, "differ in 'eval_at'"),
      ({"shuffle": "full"}, "differ in 'shuffle'")],
 )
-def test_configs_that_cannot_share_a_bundle_are_refused(other, message):
+def test_configs_that_cannot_share_a_bundle_are_refused(toy, other, message):
     with pytest.raises(ValueError, match=message):
-        train_bundle([small_cfg(), small_cfg(**other)], toy_set(64, 0))
+        train_bundle([small_cfg(), small_cfg(**other)], toy(64, 0))
 
 
-def test_resume_states_must_match_the_bundle():
-    train_set = toy_set(64, 0)
+def test_resume_states_must_match_the_bundle(toy):
+    train_set = toy(64, 0)
     states = {}
     train(small_cfg(), train_set, on_eval=solo_snapshots(states))
     with pytest.raises(ValueError, match="one .or None. per config"):
@@ -205,9 +204,9 @@ def test_resume_states_must_match_the_bundle():
         train_bundle([small_cfg(lr=0.5), small_cfg()], train_set, resume=[states[2], None])
 
 
-def test_full_shuffle_keeps_the_last_partial_batch():
+def test_full_shuffle_keeps_the_last_partial_batch(toy):
     # 150 images in batches of 16: nine full batches and one of 6 per epoch, for every model
-    train_set, eval_sets = toy_set(150, 0), {"cifake_test": toy_set(32, 1, "cifake_test")}
+    train_set, eval_sets = toy(150, 0), {"cifake_test": toy(32, 1, "cifake_test")}
     cfgs = [small_cfg(shuffle="full", **v) for v in VARIED[:2]]
     bundled = train_bundle(cfgs, train_set, eval_sets)
     for cfg, b in zip(cfgs, bundled):
@@ -219,9 +218,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_steps_never_wait_for_the_device():
+def test_gpu_steps_never_wait_for_the_device(toy):
     cfgs = [small_cfg(device="cuda", **v) for v in VARIED]
-    train_set = toy_set(160, 0)
+    train_set = toy(160, 0)
     models = [build_initial(c, torch.device("cuda")) for c in cfgs]
     stack = StackedModels(models, [torch.zeros(sum(p.numel() for p in m.parameters()), device="cuda") for m in models],
                           [c.lr for c in cfgs], [c.momentum for c in cfgs])
@@ -240,8 +239,8 @@ def test_gpu_steps_never_wait_for_the_device():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_bundle_equals_each_model_trained_alone():
-    train_set, eval_sets = data()
+def test_gpu_bundle_equals_each_model_trained_alone(toy):
+    train_set, eval_sets = data(toy)
     cfgs = [small_cfg(device="cuda", srm="pool1", **v) for v in VARIED]
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions round to 10 bits: compare float32 arithmetic

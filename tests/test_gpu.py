@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, toy_set
+REPO = Path(__file__).resolve().parents[1]
 from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.models import load_checkpoint, load_reference_checkpoint, save_checkpoint
@@ -70,8 +70,8 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 1e-2, "eval_at": (0.5, 1), "device": DEVICE, **kw})
 
 
-def data():
-    return toy_set(256, 0), {"cifake_test": toy_set(96, 1, "cifake_test"), "cifar100_test": toy_set(40, 2, real_only=True)}
+def data(toy):
+    return toy(256, 0), {"cifake_test": toy(96, 1, "cifake_test"), "cifar100_test": toy(40, 2, real_only=True)}
 
 
 def with_logits(config, train_set, eval_sets):
@@ -97,8 +97,8 @@ def max_logit_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
-def test_train_on_the_device_matches_the_cpu(deterministic):
-    train_set, eval_sets = data()
+def test_train_on_the_device_matches_the_cpu(toy, deterministic):
+    train_set, eval_sets = data(toy)
     on_cpu, cpu_logits = with_logits(cfg(device="cpu"), train_set, eval_sets)
     on_device, device_logits = with_logits(cfg(deterministic=deterministic), train_set, eval_sets)
     assert next(on_device.model.parameters()).device.type == torch.device(DEVICE).type
@@ -118,8 +118,8 @@ def curves(history):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
-def test_resume_and_prefix_sharing_on_the_device(deterministic):
-    train_set, eval_sets = data()
+def test_resume_and_prefix_sharing_on_the_device(toy, deterministic):
+    train_set, eval_sets = data(toy)
     config = cfg(epochs=3, eval_at=(1, 2), deterministic=deterministic)
     full = train(config, train_set, eval_sets)
     saved = []
@@ -144,8 +144,8 @@ def test_resume_and_prefix_sharing_on_the_device(deterministic):
         assert resume_diff <= LOSS_TOL and prefix_diff <= LOSS_TOL
 
 
-def test_a_device_checkpoint_loads_on_the_cpu_and_back(tmp_path):
-    train_set, eval_sets = data()
+def test_a_device_checkpoint_loads_on_the_cpu_and_back(toy, tmp_path):
+    train_set, eval_sets = data(toy)
     config = cfg(epochs=3, eval_at=(1, 2))
     saved = []
 
@@ -203,8 +203,8 @@ def test_reference_checkpoints_on_the_device(image_files, tmp_path):  # noqa: F8
 
 @pytest.mark.skipif(not ON_CUDA, reason="host synchronisation is a CUDA matter (tests/test_train.py counts host reads on the CPU)")
 @pytest.mark.parametrize("srm, shuffle", [("none", "reference"), ("both", "full")])
-def test_no_host_synchronisation_inside_the_training_steps(srm, shuffle):
-    train_set, eval_sets = data()
+def test_no_host_synchronisation_inside_the_training_steps(toy, srm, shuffle):
+    train_set, eval_sets = data(toy)
     torch.cuda.set_sync_debug_mode("error")
     try:
         with pytest.raises(RuntimeError):  # the mode works: a read-back is refused
@@ -218,11 +218,11 @@ def test_no_host_synchronisation_inside_the_training_steps(srm, shuffle):
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="device memory is a CUDA figure (bench_train.py --concurrent measures RSS on the CPU)")
-def test_a_cifake_scale_trial_keeps_its_images_as_uint8_on_the_device():
+def test_a_cifake_scale_trial_keeps_its_images_as_uint8_on_the_device(toy):
     n = 90_000  # CIFAKE's training split after the 10% validation hold-out
     rng = np.random.default_rng(0)
     train_set = ImageSet(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), (np.arange(n) % 2).astype(np.uint8))
-    test = toy_set(10_000, 1, "cifake_test")
+    test = toy(10_000, 1, "cifake_test")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import toy_set
 from fakedet.config import TrainConfig, dense_eval_points
 from fakedet.preprocess import algorithms, ieee_float32, preprocess
 from fakedet.train import BatchSchedule, eval_steps, train
@@ -20,8 +19,8 @@ def small_cfg(**kw):
     return TrainConfig(**{"epochs": 2, "batch_size": 16, "device": "cpu", **kw})
 
 
-def test_same_seed_gives_identical_history_and_weights():
-    data, test = toy_set(160, 0), toy_set(64, 1, "cifake_test")
+def test_same_seed_gives_identical_history_and_weights(toy):
+    data, test = toy(160, 0), toy(64, 1, "cifake_test")
     a = train(small_cfg(eval_at=(0.5, 1)), data, {"cifake_test": test})
     b = train(small_cfg(eval_at=(0.5, 1)), data, {"cifake_test": test})
     assert curves(a.history) == curves(b.history)
@@ -31,8 +30,8 @@ def test_same_seed_gives_identical_history_and_weights():
     assert c.history[-1]["metrics"]["cifake_test"]["loss"] != a.history[-1]["metrics"]["cifake_test"]["loss"]
 
 
-def test_learns_a_learnable_toy_task():
-    result = train(TrainConfig(epochs=4, lr=1e-2, device="cpu"), toy_set(512, 0), {"cifake_test": toy_set(256, 1, "cifake_test")})
+def test_learns_a_learnable_toy_task(toy):
+    result = train(TrainConfig(epochs=4, lr=1e-2, device="cpu"), toy(512, 0), {"cifake_test": toy(256, 1, "cifake_test")})
     assert result.final["metrics"]["cifake_test"]["acc"] > 0.9
     assert result.history[-1]["metrics"]["train"]["loss"] < 0.5
 
@@ -60,25 +59,25 @@ def test_full_schedule_fresh_permutation_every_epoch_keeps_last_partial_batch():
     assert set(map(frozenset, e1)) != set(map(frozenset, e0))
 
 
-def test_eval_points_are_steps_with_fractions_of_the_first_epoch():
+def test_eval_points_are_steps_with_fractions_of_the_first_epoch(toy):
     cfg = small_cfg(epochs=3, eval_at=(0.05, 0.25, 1, 2))
     assert eval_steps(cfg, 20) == [1, 5, 20, 40, 60]
-    data = toy_set(320, 0)
-    result = train(cfg, data, {"cifake_test": toy_set(32, 1)})
+    data = toy(320, 0)
+    result = train(cfg, data, {"cifake_test": toy(32, 1)})
     assert [round(h["epoch"], 3) for h in result.history] == [0.05, 0.25, 1.0, 2.0, 3.0]
     assert all("cifake_test" in h["metrics"] and "loss" in h["metrics"]["train"] for h in result.history)
 
 
-def test_prefix_of_a_longer_run_equals_the_shorter_run():
-    data, test = toy_set(128, 0), toy_set(64, 1, "cifake_test")
+def test_prefix_of_a_longer_run_equals_the_shorter_run(toy):
+    data, test = toy(128, 0), toy(64, 1, "cifake_test")
     long = train(small_cfg(epochs=4, eval_at=(2,)), data, {"cifake_test": test})
     short = train(small_cfg(epochs=2), data, {"cifake_test": test})
     at2 = next(h for h in long.history if h["epoch"] == 2)
     assert at2["metrics"] == short.final["metrics"]
 
 
-def test_resume_from_a_snapshot_continues_exactly():
-    data, test = toy_set(128, 0), toy_set(64, 1, "cifake_test")
+def test_resume_from_a_snapshot_continues_exactly(toy):
+    data, test = toy(128, 0), toy(64, 1, "cifake_test")
     cfg = small_cfg(epochs=3, eval_at=(0.5, 1, 2))
     full = train(cfg, data, {"cifake_test": test})
     saved = {}
@@ -97,15 +96,15 @@ def test_resume_from_a_snapshot_continues_exactly():
         train(small_cfg(epochs=3, lr=0.5), data, resume=saved["state"])
 
 
-def test_callback_sees_logits_of_every_set():
+def test_callback_sees_logits_of_every_set(toy):
     seen = []
-    train(small_cfg(epochs=1), toy_set(64, 0), {"a": toy_set(10, 1), "b": toy_set(7, 2, real_only=True)},
+    train(small_cfg(epochs=1), toy(64, 0), {"a": toy(10, 1), "b": toy(7, 2, real_only=True)},
           on_eval=lambda record, snapshot: seen.append({k: v.shape for k, v in record.logits.items()}))
     assert seen == [{"a": (10,), "b": (7,)}]
 
 
-def test_real_only_set_is_scored_by_real_recall():
-    result = train(small_cfg(epochs=1), toy_set(64, 0), {"cifar100_test": toy_set(20, 1, real_only=True)})
+def test_real_only_set_is_scored_by_real_recall(toy):
+    result = train(small_cfg(epochs=1), toy(64, 0), {"cifar100_test": toy(20, 1, real_only=True)})
     m = result.final["metrics"]["cifar100_test"]
     assert 0 <= m["real_recall"] <= 1 and "acc" not in m
 
@@ -122,9 +121,9 @@ def test_bad_configs_are_refused_with_a_clear_message(kw, message):
         TrainConfig(**kw)
 
 
-def test_training_set_needs_both_classes():
+def test_training_set_needs_both_classes(toy):
     with pytest.raises(ValueError, match="both REAL and FAKE"):
-        train(small_cfg(), toy_set(64, 0, real_only=True))
+        train(small_cfg(), toy(64, 0, real_only=True))
 
 
 def test_dense_points_cover_the_first_epoch_and_end():
@@ -147,8 +146,8 @@ def test_batch_normalised_on_its_own_equals_rows_of_the_normalised_set():
     assert torch.equal(preprocess(torch.from_numpy(images)[idx]), preprocess(images)[idx])
 
 
-def test_deterministic_mode_changes_nothing_on_the_cpu_and_restores_global_flags():
-    data, test = toy_set(96, 0), toy_set(32, 1, "cifake_test")
+def test_deterministic_mode_changes_nothing_on_the_cpu_and_restores_global_flags(toy):
+    data, test = toy(96, 0), toy(32, 1, "cifake_test")
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
               torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
     fast = train(small_cfg(epochs=1), data, {"cifake_test": test})
@@ -191,8 +190,8 @@ def test_deterministic_mode_refuses_a_process_that_used_cuda_without_the_cublas_
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
-def test_a_state_resumes_under_the_other_algorithm_choice():
-    data = toy_set(64, 0)
+def test_a_state_resumes_under_the_other_algorithm_choice(toy):
+    data = toy(64, 0)
     state = first_state(small_cfg(epochs=2, eval_at=(1,)), data)
     resumed = train(small_cfg(epochs=2, eval_at=(1,), deterministic=True), data, resume=state)
     assert [h["epoch"] for h in resumed.history] == [1.0, 2.0]
@@ -217,10 +216,10 @@ class HostReads:
         return method
 
 
-def test_training_steps_read_nothing_back_to_the_host(monkeypatch):
+def test_training_steps_read_nothing_back_to_the_host(toy, monkeypatch):
     # The CPU stand-in for tests/test_gpu.py's sync check: with the same evaluation points, twice the
     # steps must not read one value more (reads happen at evaluation points only).
-    data, test = toy_set(160, 0), toy_set(40, 1, "cifake_test")
+    data, test = toy(160, 0), toy(40, 1, "cifake_test")
     reads = HostReads(monkeypatch)
     train(small_cfg(epochs=1, batch_size=16), data, {"cifake_test": test})
     one_epoch, reads.count = reads.count, 0
@@ -235,8 +234,8 @@ def diverged_state(cfg, data):
     return state
 
 
-def test_divergence_ends_training_at_the_point_that_sees_it():
-    data, test, cifar = toy_set(64, 0), toy_set(32, 1, "cifake_test"), toy_set(20, 2, real_only=True)
+def test_divergence_ends_training_at_the_point_that_sees_it(toy):
+    data, test, cifar = toy(64, 0), toy(32, 1, "cifake_test"), toy(20, 2, real_only=True)
     cfg = small_cfg(epochs=3, eval_at=(1, 2))
     state = diverged_state(cfg, data)
     seen = []
@@ -251,8 +250,8 @@ def test_divergence_ends_training_at_the_point_that_sees_it():
     assert final["cifake_test"] == {"nonfinite": 32, "n": 32} and final["cifar100_test"] == {"nonfinite": 20, "n": 20}
 
 
-def test_a_learning_rate_far_too_high_diverges_without_an_exception():
+def test_a_learning_rate_far_too_high_diverges_without_an_exception(toy):
     cfg = small_cfg(epochs=20, eval_at=(1, 2, 5, 10), lr=1e4, momentum=0.99)
-    result = train(cfg, toy_set(64, 0), {"cifake_test": toy_set(32, 1)})
+    result = train(cfg, toy(64, 0), {"cifake_test": toy(32, 1)})
     assert result.diverged and result.history[-1]["diverged"] and result.final["epoch"] < 20
     assert not any(h["diverged"] for h in result.history[:-1])

@@ -84,8 +84,8 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
                           "node_id": node_id, "diverged": rec.diverged}
                 if spec.objective is not None:
                     best[i] = _better(spec, best[i], rec.to_dict())
-                    if best[i] is not None:
-                        result[spec.objective.best_key], result[spec.objective.epoch_key] = best[i]
+                    # always present (Tune requires its metric in every result); NaN until a finite value exists
+                    result[spec.objective.best_key], result[spec.objective.epoch_key] = best[i] or (math.nan, math.nan)
                 reports.append(result)
             for result in reports[:-1]:
                 tune.report(result)
