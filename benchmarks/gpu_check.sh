@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, about 5 minutes on one GPU:
+# The GPU checks in one go, about 5 minutes on one GPU (each step has a time limit; $BUDGET bounds the whole):
 #   1. env       what is there: torch, CUDA, the GPU, ray/mlflow/optuna
 #   2. tests     python -m pytest -m gpu tests/test_gpu.py (CPU agreement, checkpoints GPU->CPU->GPU, the
 #                reference checkpoints and `fakedet predict` on the GPU, resume and prefix sharing, no host
@@ -9,6 +9,9 @@
 #   5. bench_det the same in the deterministic mode (its cost)
 #   6. bench_4   four concurrent trials on one device at CIFAKE scale (90,000 images): images/s and
 #                torch.cuda.max_memory_allocated per trial
+#   7. bundle    benchmarks/bench_bundle.py: K = 1, 4, 16, 64 models in one process (one fused step)
+#                against K separate processes of train(), images/s summed over models
+#   8. ablation_bundle  the smoke ablation with --seeds 2 --bundle 2: half the trials, the same cells
 # then prints a summary to paste into the README (also written to summary.md).
 #
 #   benchmarks/gpu_check.sh              on a machine with a CUDA GPU
@@ -60,7 +63,8 @@ fi
 if [[ $DRY == 1 ]]; then
     # sizes for 2 shared CPU cores: the same steps, smaller
     BUDGET=${BUDGET:-3600}
-    T_TESTS=1500; T_ABLATION=1200; T_BENCH=300; T_BENCH4=600
+    T_TESTS=1500; T_ABLATION=1200; T_BENCH=300; T_BENCH4=600; T_BUNDLE=600
+    BENCH_BUNDLE=(--n-images 2000 --steps 20 --ks 1,4 --threads 1)
     BENCH_ONE=(--images 2000 --epochs 1 --repeats 1)
     BENCH_FOUR=(--images 4000 --epochs 0.5)
     RAY_CPUS=4
@@ -68,7 +72,8 @@ if [[ $DRY == 1 ]]; then
     ABLATION_ENV=(RAY_OVERRIDE_RESOURCES='{"GPU": 1}')
 else
     BUDGET=${BUDGET:-540}
-    T_TESTS=200; T_ABLATION=180; T_BENCH=75; T_BENCH4=90
+    T_TESTS=200; T_ABLATION=180; T_BENCH=75; T_BENCH4=90; T_BUNDLE=120
+    BENCH_BUNDLE=(--n-images 90000 --steps 200 --ks 1,4,16,64)  # CIFAKE scale; 200 steps per model
     BENCH_ONE=(--images 20000 --epochs 1 --repeats 3)
     BENCH_FOUR=(--images 90000 --epochs 0.25)  # CIFAKE's training split; a quarter epoch is 703 steps per trial
     RAY_CPUS=8
@@ -150,6 +155,12 @@ run_step bench_det "$T_BENCH" "$PY" benchmarks/bench_train.py --device "$DEVICE"
 run_step bench_4 "$T_BENCH4" "$PY" benchmarks/bench_train.py --device "$DEVICE" "${BENCH_FOUR[@]}" --concurrent 4 \
     --json "$OUT/bench_four.json"
 
+run_step bundle "$T_BUNDLE" "$PY" benchmarks/bench_bundle.py --device "$DEVICE" "${BENCH_BUNDLE[@]}"
+grep -h '^ratios (bundle / separate)' "$WORK/step.log" >"$WORK/bundle.txt" || true
+run_step ablation_bundle "$T_ABLATION" env "${ABLATION_ENV[@]}" "$PY" sweeps/run.py ablation --smoke --seeds 2 --bundle 2 \
+    --gpus-per-trial 0.25 --num-cpus "$RAY_CPUS" --name gpucheck-bundle --cache-root "$WORK/cache" \
+    --storage-path "$WORK/ray_results" --tracking-uri "sqlite:///$WORK/mlflow.db" --ray-temp-dir "$RAY_TMP"
+
 printf '%s\n' "${STEPS[@]}" >"$WORK/steps.txt"
 "$PY" - "$OUT" "$WORK" "$DRY" "$(($(date +%s) - START))" >"$OUT/summary.md" <<'EOF'
 import json, statistics, sys
@@ -211,6 +222,12 @@ if four:
     lines.append(f"- four concurrent trials on one device, {four['images']} images each: {four['images_per_s_total']:.0f} images/s together "
                  f"({min(per):.0f}–{max(per):.0f} per trial); memory per trial at most {mib(max(t['memory_bytes'] for t in four['trials']))} "
                  f"({four['trials'][0]['memory_kind']})")
+bundle = (work / "bundle.txt").read_text().strip() if (work / "bundle.txt").is_file() else ""
+if bundle:
+    lines.append(f"- bundled training (bench_bundle.py), {bundle}")
+bundled = sorted((work / "ray_results" / "gpucheck-bundle").glob("trial_*")) if (work / "ray_results").is_dir() else []
+if bundled:
+    lines.append(f"- smoke ablation --seeds 2 --bundle 2: {len(bundled)} trials for 8 cells (4 trajectories)")
 print("\n".join(lines))
 EOF
 echo
