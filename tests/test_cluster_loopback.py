@@ -29,7 +29,7 @@ def test_smoke_ablation_on_a_two_node_loopback_cluster(workspace):
     with cluster:  # leaving it stops everything by pid, and raises if any process is left
         assert cluster.tracking_uri.startswith(f"http://{HOST}:") and cluster.ray_address.startswith(f"{HOST}:")
         assert len(set(cluster.node_ids.values())) == 2, cluster.node_ids
-        report = loopback_check(cluster, "loopback1", workspace["cache"], sweep_timeout=600)
+        report = loopback_check(cluster, "loopback1", workspace.cache, sweep_timeout=600)
     started = cluster.all_procs()
     assert {"postgres", "mlflow", "mlflow-create-user", "ray-head", "ray-worker", "sweep-loopback1",
             "client-wrong-token"} <= {s.name for s in cluster.services}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import tempfile
 import sqlite3
 import subprocess
 import time
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -61,10 +63,22 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     assert_no_duplicate_points(c, children)
     # the parent holds the correlations and the cutoff analysis
     pm = parent.data.metrics
-    assert any("spearman" in k for k in pm) and any("pearson" in k for k in pm) and any("kendall" in k for k in pm)
-    assert "corr/points/n" in pm and any(k.startswith("cutoff/transfer_val/") for k in pm)
+    # the headline and its interval as metrics; the full tables as artifacts
+    # two trajectories are too few for an interval: the headline says so, with its n (the --seeds 2 sweep of
+    # test_bundled_sweep_logs_the_same_cells_in_half_the_trials has one)
+    assert pm["headline/n_models"] == 4 and pm["headline/n_trajectories"] == 2
+    assert any(k.startswith("cutoff/transfer_val/") for k in pm) and not any(k.startswith("corr/") for k in pm)
+    assert "headline: Spearman ρ(cifake_test/acc, agiri_test/acc), cells pooled, trajectory bootstrap: not computable" in out
+    assert "n = 4 models in 2 trajectories" in out
     analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
-    assert {"analysis/cutoffs.csv", "analysis/correlations_cells.csv", "analysis/run_record.json"} <= analysis
+    assert {"analysis/cutoffs.csv", "analysis/correlations.csv", "analysis/cells_summary.csv", "analysis/variance.csv",
+            "analysis/cutoff_comparison.csv", "analysis/run_record.json"} <= analysis
+    with tempfile.TemporaryDirectory() as d:
+        corr = pd.read_csv(c.download_artifacts(parent.info.run_id, "analysis/correlations.csv", d))
+        summary = pd.read_csv(c.download_artifacts(parent.info.run_id, "analysis/cells_summary.csv", d))
+    assert {"scope", "intrinsic", "transfer", "method", "statistic", "ci_low", "ci_high", "p_value", "n_models", "n_trajectories"} <= set(corr)
+    assert (corr["p_value"].dropna() > 0).all()  # a permutation p is never 0
+    assert len(summary) == 4 and (summary["n_seeds"] == 1).all() and "agiri_test/auc_mean" in summary
     # each figure is logged once, by the views, under figures/
     figures = {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
     assert "figures/cutoff_curves.png" in figures and not [a for a in analysis if a.endswith(".png")]
@@ -95,10 +109,10 @@ def test_cells_sharing_a_trajectory_equal_separate_runs(workspace, smoke_sweep):
 def test_cutoff_command_rereads_a_finished_sweep(workspace, smoke_sweep, run):
     proc = run([*workspace.command, "cutoff", "--sweep", "smoke1", "--tracking-uri", f"sqlite:///{workspace.root / 'mlflow.db'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "transfer_val" in proc.stdout and "intrinsic_val_loss" in proc.stdout and "patience_3" in proc.stdout
+    assert "transfer_val" in proc.stdout and "intrinsic_val_loss" in proc.stdout and "patience" in proc.stdout
     c, parent, _ = workspace.runs("smoke1")
     # the same analysis again adds no duplicate points to the parent run
-    assert len(c.get_metric_history(parent.info.run_id, "corr/points/n")) == 1
+    assert len(c.get_metric_history(parent.info.run_id, "headline/statistic")) == 1
     # and resuming a finished sweep trains nothing
     again = run([*workspace.command, "ablation", "--resume", "smoke1", "--storage-path", str(workspace.storage)])
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
@@ -238,6 +252,14 @@ def test_bundled_sweep_logs_the_same_cells_in_half_the_trials(workspace, run):
         c, parent, children = workspace.runs(f"bundle{k}")
         sweeps[k] = {r.info.run_name: r for r in children}
         assert len(list((workspace.storage / f"bundle{k}").glob("trial_*"))) == {"1": 4, "2": 2}[k]
+    # four trajectories: a headline with an interval, and seeds summarised with finite spreads
+    assert re.search(r"headline: Spearman ρ\(cifake_test/acc, agiri_test/acc\), cells pooled, trajectory bootstrap: "
+                     r"[+-]\d\.\d\d \[95% CI [+-]\d\.\d\d, [+-]\d\.\d\d\], n = 8 models in 4 trajectories", proc.stdout), proc.stdout[-3000:]
+    c, parent, _ = workspace.runs("bundle2")
+    with tempfile.TemporaryDirectory() as d:
+        summary = pd.read_csv(c.download_artifacts(parent.info.run_id, "analysis/cells_summary.csv", d))
+    assert (summary["n_seeds"] == 2).all() and summary["agiri_test/auc_std"].notna().all()
+    assert parent.data.metrics["headline/ci_low"] <= parent.data.metrics["headline/statistic"] <= parent.data.metrics["headline/ci_high"]
     one, two = sweeps["1"], sweeps["2"]
     assert sorted(one) == sorted(two) and len(one) == 8  # 2 placements × 2 seeds × epochs {1, 2}
     ignore = {"sweep"}
@@ -247,7 +269,10 @@ def test_bundled_sweep_logs_the_same_cells_in_half_the_trials(workspace, run):
         assert {k: v for k, v in r1.data.params.items() if k not in ignore} == {k: v for k, v in r2.data.params.items() if k not in ignore}
         assert set(r1.data.metrics) == set(r2.data.metrics)
         for key, value in r1.data.metrics.items():
-            assert r2.data.metrics[key] == pytest.approx(value, abs=1e-3), (name, key)
+            # continuous metrics within 1e-3; a thresholded one (accuracy, F1, recall, ...) may also differ by the one
+            # or two images whose logit float32 reassociation moves across 0.5: 1/200 on the smallest set
+            tol = 1e-3 if key.endswith(("/auc", "/ap", "/loss")) or key == "epoch" else 0.011
+            assert r2.data.metrics[key] == pytest.approx(value, abs=tol), (name, key)
 
 
 @pytest.mark.slow
