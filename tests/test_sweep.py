@@ -112,7 +112,7 @@ def test_cutoff_command_rereads_a_finished_sweep(workspace, smoke_sweep, run):
     assert "transfer_val" in proc.stdout and "intrinsic_val_loss" in proc.stdout and "patience" in proc.stdout
     c, parent, _ = workspace.runs("smoke1")
     # the same analysis again adds no duplicate points to the parent run
-    assert len(c.get_metric_history(parent.info.run_id, "headline/statistic")) == 1
+    assert len(c.get_metric_history(parent.info.run_id, "headline/n_models")) == 1
     # and resuming a finished sweep trains nothing
     again = run([*workspace.command, "ablation", "--resume", "smoke1", "--storage-path", str(workspace.storage)])
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
