@@ -228,15 +228,15 @@ def _clustered_rows(pair, x, y, scope, order, methods, n_boot, n_perm, rng, conf
     nested = order is not None
     unit = "cell (nested in its trajectory)" if nested else "model (one per trajectory)"
     resampled = "trajectories, with all their cells" if nested else "models"
-    base = dict(n_models=len(pair), n_trajectories=int(pair["trajectory"].nunique()), unit=unit, resampled=resampled)
-    if base["n_trajectories"] < 3:
-        return [_row(scope, x, y, m, confidence, restricted, **base, note="fewer than 3 trajectories") for m in methods]
+    counts = dict(n_models=len(pair), n_trajectories=int(pair["trajectory"].nunique()), unit=unit, resampled=resampled)
+    if counts["n_trajectories"] < 3:
+        return [_row(scope, x, y, m, confidence, restricted, **counts, note="fewer than 3 trajectories") for m in methods]
     data = _Clusters(pair, x, y, order)
     rows = []
     for method in methods:
         r = float(correlate(data.x, data.y, method))
         if not math.isfinite(r):
-            rows.append(_row(scope, x, y, method, confidence, restricted, **base, note="constant values: no correlation"))
+            rows.append(_row(scope, x, y, method, confidence, restricted, **counts, note="constant values: no correlation"))
             continue
         lo, hi, note = data.ci(method, n_boot, rng, confidence)
         p, resolution = _perm_p(r, data.permutation(method, n_perm, rng))
@@ -244,7 +244,7 @@ def _clustered_rows(pair, x, y, scope, order, methods, n_boot, n_perm, rng, conf
         if distinct <= n_perm:  # few trajectories: drawn permutations repeat, the p cannot be finer
             resolution = 1 / distinct
             note = "; ".join(filter(None, [note, f"only {distinct} distinct pairings of trajectories"]))
-        rows.append(_row(scope, x, y, method, confidence, restricted, **base, statistic=r, ci_low=lo, ci_high=hi,
+        rows.append(_row(scope, x, y, method, confidence, restricted, **counts, statistic=r, ci_low=lo, ci_high=hi,
                          p_value=p, p_value_resolution=resolution, note=note))  # fmt: skip
     return rows
 
