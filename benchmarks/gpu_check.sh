@@ -4,7 +4,7 @@
 #   2. tests     python -m pytest -m gpu tests/test_gpu.py (CPU agreement, checkpoints GPU->CPU->GPU, the
 #                reference checkpoints and `fakedet predict` on the GPU, resume and prefix sharing, no host
 #                synchronisation in the steps, a CIFAKE-scale trial's device memory, four Ray trials on one GPU)
-#   3. ablation  python sweeps/run.py ablation --smoke --seeds 2 --gpus-per-trial 0.25: four trials, one GPU
+#   3. ablation  python sweeps/run.py ablation --smoke --seeds 2 --bundle 1 --gpus-per-trial 0.25: four trials, one GPU
 #   4. bench     one model at batch 32: fakedet's loop against the reference-style loop
 #   5. bench_det the same in the deterministic mode (its cost)
 #   6. bench_4   four concurrent trials on one device at CIFAKE scale (90,000 images): images/s and
@@ -133,7 +133,7 @@ EOF
 run_step tests "$T_TESTS" env FAKEDET_GPU_TEST_DEVICE="$DEVICE" FAKEDET_GPU_REPORT="$OUT/gpu_tests.json" \
     "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_gpu.py
 
-run_step ablation "$T_ABLATION" env "${ABLATION_ENV[@]}" "$PY" sweeps/run.py ablation --smoke --seeds 2 \
+run_step ablation "$T_ABLATION" env "${ABLATION_ENV[@]}" "$PY" sweeps/run.py ablation --smoke --seeds 2 --bundle 1 \
     --gpus-per-trial 0.25 --num-cpus "$RAY_CPUS" --name gpucheck --cache-root "$WORK/cache" \
     --storage-path "$WORK/ray_results" --tracking-uri "sqlite:///$WORK/mlflow.db" --ray-temp-dir "$RAY_TMP"
 # how many of the sweep's trials ran at once, from their reports' clocks (Ray Tune's result.json per trial)
