@@ -79,17 +79,16 @@ def trial_resources(plan: SweepPlan, args) -> dict[str, float]:
     return {"cpu": cpus, "gpu": gpus} if gpus > 0 else {"cpu": cpus}
 
 
-def bundle_size(plan: SweepPlan, args, resources: dict[str, float]) -> int:
+def bundle_size(plan: SweepPlan, resources: dict[str, float]) -> int:
     """Trajectories per trial: the study's (or --bundle's) number, or for `auto` 1 where trials get no
     GPU (on this project's 2-core CPU, vmap over 8 copies of the net ran at 0.76x training them one
     after another) and, where they do, as many as the grid holds up to `max_bundle`."""
-    budget = plan.study.budget
-    wanted = getattr(args, "bundle", None) or budget.bundle
+    budget = plan.study.budget  # `--bundle` is already merged in, checked by the study schema
     if plan.kind != "ablation":
         return 1
-    if wanted == "auto":
+    if budget.bundle == "auto":
         return min(budget.max_bundle, plan.trajectory_count) if resources.get("gpu", 0) > 0 else 1
-    return int(wanted)
+    return budget.bundle
 
 
 def tune_config(plan: SweepPlan, args) -> tune.TuneConfig:
@@ -140,7 +139,7 @@ def run_sweep(plan: SweepPlan, args, storage: str, tracking_uri: str, experiment
                          f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
     init_ray(args)
     resources = trial_resources(plan, args)
-    k = bundle_size(plan, args, resources)
+    k = bundle_size(plan, resources)
     plan = plan.bundled(k)
     args.bundle = k  # recorded: a resumed sweep rebuilds the same trials
     if k > 1:

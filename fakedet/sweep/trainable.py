@@ -95,9 +95,10 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
             spec.faults.maybe_crash(record.step)
 
     live = [i for i in range(len(cfgs)) if not diverged[i]]
+    if not live:  # resumed after every model had ended as diverged: nothing left to train
+        return
     if len(cfgs) == 1:
-        if live:
-            train(cfgs[0], train_set, eval_sets, on_eval=lambda record, snapshot: on_eval(0, record, snapshot), resume=states[0])
+        train(cfgs[0], train_set, eval_sets, on_eval=lambda record, snapshot: on_eval(0, record, snapshot), resume=states[0])
         return
     # a bundle: the models that have not diverged go on together (a diverged one has ended, as alone)
     train_bundle([cfgs[i] for i in live], train_set, eval_sets,
