@@ -18,19 +18,16 @@ from typing import Any
 import pandas as pd
 from mlflow.entities import Metric
 
+from fakedet.console import say
 from fakedet.figures import log_figures
 from fakedet.results import SweepResults, points_from_mlflow
 from fakedet.sweep import statistics
 from fakedet.sweep.spec import plain_number
 from fakedet.sweep.study import Study
-from fakedet.sweep.tracking import SweepTracking
+from fakedet.sweep.store import SweepTracking
 
 SUMMARY_COLUMNS = ("cifake_test/acc", "cifake_test/f1", "cifake_test/auc", "cifar100_test/real_recall",
                    "agiri_test/acc", "agiri_test/f1", "agiri_test/auc")
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def _fmt(v: Any) -> str:

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from fakedet.config import default_cache_root
+from fakedet.console import say
 
 
 def _number(text: str) -> int | float:
@@ -85,10 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def run_study(kind: str, args) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -97,7 +94,7 @@ def run_study(kind: str, args) -> int:
     from fakedet.sweep.plan import build_plan
     from fakedet.sweep.record import RESUMED_ARGS, read_sweep_file, storage_root, sweep_exists
     from fakedet.sweep.study import StudyError
-    from fakedet.sweep.tracking import check_tracking_uri, compare_link, default_tracking_uri, mlflow_ui_command, runs_link
+    from fakedet.sweep.store import check_tracking_uri, compare_link, default_tracking_uri, mlflow_ui_command, runs_link
 
     storage = storage_root(args.storage_path)
     meta = None
@@ -156,7 +153,7 @@ def run_cutoff(args) -> int:
     from fakedet.report import analyse_sweep
     from fakedet.results import load_sweep, SweepNotFoundError
     from fakedet.sweep.study import Study, StudyError
-    from fakedet.sweep.tracking import SweepTracking, check_tracking_uri, default_tracking_uri
+    from fakedet.sweep.store import SweepTracking, check_tracking_uri, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fakedet"
 
 # module (dotted, without the `fakedet.` prefix) → layer; a prefix ending in "." covers a package
 LAYERS = [
-    ("base", {"", "arrays", "config", "models", "metrics", "provenance", "preprocess"}),
+    ("base", {"", "arrays", "config", "console", "models", "metrics", "provenance", "preprocess"}),
     ("data", {"data."}),
     ("train", {"train", "bundle"}),
     ("sweep", {"sweep."}),

@@ -12,7 +12,9 @@ from ray import tune
 
 from fakedet.sweep.spec import CELL_ARTIFACTS, TRIAL_KEY
 from fakedet.sweep.study import Study
-from fakedet.sweep.tracking import MlflowCellCallback, SweepTracking, TrackingWriter, compare_link, runs_link
+from fakedet.sweep.store import SweepTracking, compare_link, runs_link
+from fakedet.sweep.tracking import MlflowCellCallback
+from fakedet.sweep.writer import TrackingUnavailable, TrackingWriter, retrying, transient
 
 
 @pytest.fixture
@@ -112,8 +114,6 @@ def test_writer_retries_through_an_outage_in_order():
 
 
 def test_writer_gives_up_after_its_outage_budget():
-    from fakedet.sweep.tracking import TrackingUnavailable
-
     writer = TrackingWriter("http://127.0.0.1:9", outage_s=0.2, backoff_s=0.05, say=lambda _: None)
     writer.submit(lambda client: (_ for _ in ()).throw(ConnectionError("down")))
     assert writer.flush(timeout=10) is False
@@ -122,8 +122,6 @@ def test_writer_gives_up_after_its_outage_budget():
 
 
 def test_writer_stops_at_a_refused_write_without_retrying_it():
-    from fakedet.sweep.tracking import TrackingUnavailable
-
     calls = []
     writer = TrackingWriter("http://127.0.0.1:9", outage_s=30, backoff_s=0.01, say=lambda _: None)
     writer.submit(lambda client: (calls.append(1), (_ for _ in ()).throw(KeyError("bad param")))[1])

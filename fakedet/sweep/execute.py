@@ -15,17 +15,18 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from fakedet.config import default_cache_root
+from fakedet.console import say
 from fakedet.data import cache_hash, load_splits, resolve_data
 from fakedet.provenance import run_record
 from fakedet.sweep.plan import SweepPlan
-from fakedet.sweep.progress import Progress, say
+from fakedet.sweep.progress import Progress
 from fakedet.sweep.record import RESUMED_ARGS, write_sweep_file
 from fakedet.sweep.spec import FaultInjection
 from fakedet.sweep.tags import TAG_KIND
-from fakedet.sweep.tracking import (
-    MlflowCellCallback, SweepTracking, TrackingUnavailable, compare_link, runs_link, writer_for,
-)
+from fakedet.sweep.store import SweepTracking, compare_link, runs_link
+from fakedet.sweep.tracking import MlflowCellCallback
 from fakedet.sweep.trainable import run_trial
+from fakedet.sweep.writer import TrackingUnavailable, writer_for
 
 
 @dataclass

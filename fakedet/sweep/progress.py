@@ -7,11 +7,8 @@ import time
 
 from ray.tune import Callback
 
+from fakedet.console import say
 from fakedet.sweep.spec import TrialSpec, resolve_trial
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def fmt_duration(seconds: float) -> str:
