@@ -33,6 +33,7 @@ class Progress(Callback):
         self.fraction: dict[str, float] = {}
         self.done: set[str] = set()
         self.failed: set[str] = set()
+        self.labels: dict[str, str] = {}  # trial id -> its spec's label, resolved from the trial's config once
 
     def __getstate__(self):
         return {"total_trials": self.total_trials, "template": self.template, "every_s": self.every_s}
@@ -42,7 +43,9 @@ class Progress(Callback):
         self._reset()
 
     def _label(self, trial) -> str:
-        return resolve_trial(trial.config, self.template).label
+        if trial.trial_id not in self.labels:
+            self.labels[trial.trial_id] = resolve_trial(trial.config, self.template).label
+        return self.labels[trial.trial_id]
 
     def _line(self, force: bool = False) -> None:
         now = time.time()
