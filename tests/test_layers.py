@@ -76,3 +76,16 @@ def test_no_module_imports_a_higher_layer():
             if layer_of(target) > mine:
                 upward.append(f"fakedet.{module} ({LAYERS[mine][0]}) imports fakedet.{target} ({LAYERS[layer_of(target)][0]})")
     assert not upward, "\n".join(sorted(upward))
+
+
+# inside the sweep layer, tracking stacks the same way: the store, then the writer, then the Ray Tune callback
+TRACKING_STACK = ["sweep.store", "sweep.writer", "sweep.tracking"]
+
+
+def test_tracking_modules_import_only_those_below_them():
+    found = modules()
+    upward = []
+    for rank, module in enumerate(TRACKING_STACK):
+        above = set(TRACKING_STACK[rank + 1:])
+        upward += [f"fakedet.{module} imports fakedet.{t}" for t in imports(found[module], module) if t in above]
+    assert not upward, "\n".join(upward)

@@ -128,3 +128,169 @@ def test_writer_stops_at_a_refused_write_without_retrying_it():
     assert writer.flush(timeout=10) is False and calls == [1]  # tried once, not for the whole outage budget
     with pytest.raises(TrackingUnavailable, match="refused a write"):
         writer.check()
+
+
+def test_the_trial_spec_is_resolved_once_per_trial_and_once_after_a_restore(tracking, tmp_path, monkeypatch):
+    import fakedet.sweep.tracking as tracking_module
+
+    spec = Study.load("ablation", preset="smoke").trials()[0]
+    calls = []
+    monkeypatch.setattr(tracking_module, "resolve_trial", lambda config, template: calls.append(1) or config[TRIAL_KEY])
+    cb = MlflowCellCallback(tracking, None, {}, {})
+    trial = trial_of(spec)
+    cb.on_trial_start(0, [], trial)
+    for r in (report(0.5, 10, 0.6), report(1.0, 20, 0.7)):
+        cb.on_trial_result(0, [], trial, r)
+    cb.on_checkpoint(0, [], trial, checkpoint_with_cells(tmp_path, "1"))
+    assert len(calls) == 1
+    again = pickle.loads(pickle.dumps(cb))
+    again.on_trial_start(0, [], trial)
+    again.on_trial_result(0, [], trial, report(2.0, 40, 0.8))
+    again.on_trial_complete(0, [], trial)
+    assert len(calls) == 2
+    assert again.writer.flush(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the one retry loop, and which failures it waits out
+# ---------------------------------------------------------------------------------------------------
+class FakeTime:
+    def __init__(self):
+        self.now, self.waits = 0.0, []
+
+    def sleep(self, s):
+        self.waits.append(s)
+        self.now += s
+
+
+def test_retrying_backs_off_from_1_s_doubling_to_30_s_within_the_outage_budget():
+    t = FakeTime()
+    with pytest.raises(ConnectionError):
+        retrying(lambda: (_ for _ in ()).throw(ConnectionError("refused")), outage_s=100, sleep=t.sleep, clock=lambda: t.now)
+    assert t.waits == [1, 2, 4, 8, 16, 30, 30, 9]  # the last wait ends at the budget, then the failure is raised
+
+
+def test_retrying_returns_once_the_store_answers_and_raises_a_refusal_at_once():
+    t, left = FakeTime(), [2]
+
+    def flaky():
+        if left[0]:
+            left[0] -= 1
+            raise TimeoutError("slow")
+        return "ok"
+
+    assert retrying(flaky, outage_s=100, sleep=t.sleep, clock=lambda: t.now) == "ok" and t.waits == [1, 2]
+    t = FakeTime()
+    with pytest.raises(KeyError):
+        retrying(lambda: {}["x"], outage_s=100, sleep=t.sleep, clock=lambda: t.now)
+    assert t.waits == []
+
+
+class StubServer:
+    """An HTTP server on 127.0.0.1 answering every request with one status and a plain-text body."""
+
+    def __init__(self, status: int):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                body = b"stub"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def failure_of(call) -> BaseException:
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001
+        return e
+    raise AssertionError("the call did not fail")
+
+
+@pytest.fixture
+def no_client_retries(monkeypatch):
+    # MLflow's own client retries 429 and 5xx with backoff; once is enough to see what it raises
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+@pytest.mark.parametrize("status, expected", [(503, True), (502, True), (500, True), (429, True),
+                                              (401, False), (403, False), (404, False), (400, False)])
+def test_a_server_answer_is_transient_for_5xx_and_429_only(no_client_retries, status, expected):
+    stub = StubServer(status)
+    try:
+        e = failure_of(lambda: MlflowClient(stub.uri).get_experiment("0"))
+    finally:
+        stub.close()
+    assert transient(e) is expected, f"HTTP {status}: {type(e).__name__}: {e}"
+
+
+def test_a_closed_port_is_transient_through_the_mlflow_client(no_client_retries):
+    e = failure_of(lambda: MlflowClient(f"http://127.0.0.1:{closed_port()}").get_experiment("0"))
+    assert transient(e)
+
+
+def test_requests_sqlite_and_local_failures_are_classified_by_their_class():
+    import socket
+    import sqlite3
+
+    import requests
+    import sqlalchemy.exc
+
+    refused = failure_of(lambda: requests.get(f"http://127.0.0.1:{closed_port()}", timeout=5))
+    assert isinstance(refused, requests.exceptions.ConnectionError) and transient(refused)
+    with socket.socket() as silent:  # accepts connections (the backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        timeout = failure_of(lambda: requests.get(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3))
+    assert isinstance(timeout, requests.exceptions.Timeout) and transient(timeout)
+    locked = sqlalchemy.exc.OperationalError("INSERT ...", {}, sqlite3.OperationalError("database is locked"))
+    assert transient(locked)
+    assert not transient(failure_of(lambda: requests.get("http://", timeout=5)))  # a wrong URL, not an outage
+    assert not transient(PermissionError("mlartifacts")) and not transient(KeyError("bad param"))
+
+
+def test_a_refused_login_stops_the_writer_at_once_with_one_clear_line(no_client_retries):
+    stub = StubServer(401)
+    try:
+        writer = TrackingWriter(stub.uri, outage_s=30, backoff_s=0.01, say=lambda _: None)
+        writer.submit(lambda client: client.get_experiment("0"))
+        assert writer.flush(timeout=20) is False
+    finally:
+        stub.close()
+    with pytest.raises(TrackingUnavailable, match=r"refused the sweep's credentials \(HTTP 401\); set MLFLOW_TRACKING_USERNAME"):
+        writer.check()
+
+
+def test_an_immediate_read_waits_out_its_budget_then_says_the_store_is_unreachable(no_client_retries):
+    stub = StubServer(503)
+    try:
+        writer = TrackingWriter(stub.uri, outage_s=0.3, backoff_s=0.05, say=lambda _: None)
+        with pytest.raises(TrackingUnavailable, match="unreachable for over 0.3 s"):
+            writer.read(lambda client: client.get_experiment("0"))
+    finally:
+        stub.close()
