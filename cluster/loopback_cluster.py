@@ -49,6 +49,8 @@ from typing import Any
 
 from supervise import Proc, Service, Supervisor, follow, log_tail
 
+from fakedet.console import tagged
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 HOST = "127.0.0.1"
@@ -61,8 +63,7 @@ SCRUBBED = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRE
             "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD")
 
 
-def say(msg: str) -> None:
-    print(f"[loopback] {msg}", flush=True)
+say = tagged("loopback")
 
 
 class LoopbackError(RuntimeError):
