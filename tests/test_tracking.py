@@ -294,3 +294,20 @@ def test_an_immediate_read_waits_out_its_budget_then_says_the_store_is_unreachab
             writer.read(lambda client: client.get_experiment("0"))
     finally:
         stub.close()
+
+
+def test_the_progress_line_resolves_a_trial_label_once(monkeypatch):
+    import fakedet.sweep.progress as progress_module
+
+    spec = Study.load("ablation", preset="smoke").trials()[0]
+    calls = []
+    monkeypatch.setattr(progress_module, "resolve_trial", lambda config, template: calls.append(1) or config[TRIAL_KEY])
+    monkeypatch.setattr(progress_module, "say", lambda _: None)
+    progress = progress_module.Progress(1)
+    trial = SimpleNamespace(trial_id="t1", config={TRIAL_KEY: spec}, local_path="/tmp/t1")
+    for _ in range(3):
+        progress.on_trial_recover(0, [], trial)
+    assert len(calls) == 1
+    again = pickle.loads(pickle.dumps(progress))
+    again.on_trial_recover(0, [], trial)
+    assert len(calls) == 2
