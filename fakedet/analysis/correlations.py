@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,8 +68,8 @@ def standing(values: np.ndarray, method: str) -> np.ndarray:
     v = np.asarray(values, float)
     if method != "pearson":
         v = stats.rankdata(v, axis=-2, nan_policy="omit")
-    with np.errstate(all="ignore"), np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN length or trajectory: NaN, as meant
         return (v - np.nanmean(v, axis=-2, keepdims=True)) / np.nanstd(v, axis=-2, ddof=1, keepdims=True)
 
 
@@ -93,8 +94,8 @@ def combined(x: np.ndarray, y: np.ndarray, method: str, codes: np.ndarray | None
     x, y = np.where(both, x, np.nan), np.where(both, y, np.nan)
     if codes is not None:
         x, y = within_conditions(x, codes), within_conditions(y, codes)
-    with np.errstate(all="ignore"), np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN length or trajectory: NaN, as meant
         return np.nanmean(standing(x, method), axis=-1), np.nanmean(standing(y, method), axis=-1)
 
 
