@@ -106,12 +106,13 @@ def simulate_differences(rng: np.random.Generator, reps: int, design: Design, *,
                          condition_sd: float = 0.0, noise_sd: float = 0.02, ties: float = 0.0,
                          skew: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Paired rule − baseline differences (reps × T): `mean` + a condition-specific effect (sd
-    `condition_sd`, drawn per table) + noise; a fraction `ties` of exact zeros (both rules picked the
+    `condition_sd`, drawn per table and centred over the design's trajectories) + noise; a fraction `ties` of exact zeros (both rules picked the
     same point; the mean scaled to stay `mean`); `skew`: centred exponential noise instead of normal.
     Returns (differences, the true mean difference over the design's trajectories, per table)."""
     T = design.n
     codes = design.codes
     effect = rng.normal(0, condition_sd, (reps, codes.max() + 1))[:, codes] if condition_sd else np.zeros((reps, T))
+    effect -= effect.mean(axis=1, keepdims=True)  # centred over the design: the true mean is `mean` in every table
     noise = (rng.exponential(noise_sd, (reps, T)) - noise_sd) if skew else rng.normal(0, noise_sd, (reps, T))
     keep = rng.random((reps, T)) >= ties
     scale = 1 / (1 - ties) if ties else 1.0
