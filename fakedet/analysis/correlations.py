@@ -107,7 +107,7 @@ def across(x: np.ndarray, y: np.ndarray, method: str, codes: np.ndarray | None =
     finite = np.isfinite(x2) & np.isfinite(y2)
     n = finite.sum(-1)
     if finite.all():
-        r = correlate(x2, y2, method)
+        r = np.where(n >= 3, correlate(x2, y2, method), np.nan)  # two points always correlate ±1
     else:
         r = np.array([correlate(a[f], b[f], method) if f.sum() >= 3 else math.nan for a, b, f in zip(x2, y2, finite)])
     if codes is None:
