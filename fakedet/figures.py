@@ -115,8 +115,9 @@ def table3(results: SweepResults, dataset: str = "cifar100_test") -> pd.DataFram
 
 def correlation_table(results: SweepResults, method: str | None = None, scope: str | None = None) -> pd.DataFrame:
     """Transfer against intrinsic correlations as the sweep's analysis logged them (the parent run's
-    `analysis/correlations.csv`): per scope (`epochs=<E>`, `cells`, `within`, their `|trained` variants),
-    the statistic with its interval, permutation p, n and unit. `method`: pearson, spearman or kendall."""
+    `analysis/correlations.csv`, `fakedet.analysis.correlation_table`): per question (`scope`:
+    along_training, across_models, across_seeds, pooled), the estimate with its interval, the test of
+    the same null with its p and adjusted p, n, unit and role. `method`: pearson, spearman or kendall."""
     table = _analysis_artifact(results, "correlations.csv")
     if method is not None:
         table = table[table["method"] == method]
@@ -145,7 +146,7 @@ def cutoff_summary(results: SweepResults) -> pd.DataFrame:
 
 def cutoff_comparison(results: SweepResults) -> pd.DataFrame:
     """Each rule against early stopping on the intrinsic validation loss, paired by trajectory: the mean
-    difference with its bootstrap interval (the parent run's `analysis/cutoff_comparison.csv`)."""
+    difference with its t interval and t test (the parent run's `analysis/cutoff_comparison.csv`)."""
     return _analysis_artifact(results, "cutoff_comparison.csv")
 
 

@@ -1,4 +1,4 @@
-"""Imports point one way: base (models, config, metrics) → data → train → sweep → views → command lines.
+"""Imports point one way: base (models, config, metrics) → analysis → data → train → sweep → views → command lines.
 
 Every `import` in the package counts, also those inside functions: a function-local import of a
 higher layer is the same upward dependency, only hidden.
@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fakedet"
 # module (dotted, without the `fakedet.` prefix) → layer; a prefix ending in "." covers a package
 LAYERS = [
     ("base", {"", "arrays", "config", "console", "models", "metrics", "provenance", "preprocess"}),
+    ("analysis", {"analysis."}),  # pure functions over result tables: numpy, pandas, scipy, statsmodels only
     ("data", {"data."}),
     ("train", {"train", "bundle"}),
     ("sweep", {"sweep."}),

@@ -64,7 +64,7 @@ import torch
 
 from fakedet.config import TrainConfig
 from fakedet.data import load_splits, resolve_data
-from fakedet.sweep.statistics import cutoff_table, rule_comparison
+from fakedet.analysis import cutoff_table, rule_comparison
 from fakedet.train import train
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,6 @@ EVAL_SETS = ("cifake_val", "agiri_val", "agiri_test", "cifake_test")
 METRIC = "agiri_test/auc"
 REPORT = (METRIC, "cifake_test/acc")
 NULL_MARGIN = 0.03
-N_BOOT = N_PERM = 2000  # 2**6 sign patterns < N_PERM: the sign-flip p is exact
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +127,7 @@ def null(standin_root, one_thread) -> pd.DataFrame:
 
 def compare(cutoffs: pd.DataFrame) -> pd.Series:
     """transfer_val − intrinsic_val_loss on AGIRI-test AUC, paired per trajectory."""
-    table = rule_comparison(cutoffs, METRIC, baseline="intrinsic_val_loss", rules=["transfer_val"],
-                            n_boot=N_BOOT, n_perm=N_PERM, seed=0)  # fmt: skip
+    table = rule_comparison(cutoffs, METRIC, baseline="intrinsic_val_loss", rules=["transfer_val"])
     row = table.iloc[0]
     assert row["n_trajectories"] == len(SEEDS), row.to_dict()
     return row

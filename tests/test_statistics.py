@@ -1,4 +1,4 @@
-"""Known answers for the sweep statistics: tables built so that the truth is known."""
+"""Known answers for the analysis (fakedet.analysis): tables built so that the truth is known."""
 
 from __future__ import annotations
 
@@ -10,17 +10,21 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fakedet.sweep.statistics import (
+from fakedet.analysis import (
+    cells_summary,
+    comparison_headline,
     correlate,
     correlation_table,
-    cells_summary,
     cutoff_summary,
     cutoff_table,
     headline,
     patience_stop,
+    primary_rows,
     rule_comparison,
     variance_decomposition,
 )
+from fakedet.analysis.resampling import Clusters
+from fakedet.analysis.simulate import Design, simulate_curves, to_tables
 
 X, Y = "cifake_test/acc", "agiri_test/acc"
 DENSE = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 2, 3, 6, 10, 18, 32, 50)
@@ -36,9 +40,10 @@ def cells_table(x: np.ndarray, y: np.ndarray, epochs=(1, 10, 50)) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def row(table, scope, method="pearson", x=X, y=Y) -> pd.Series:
-    sel = table[(table["scope"] == scope) & (table["method"] == method) & (table["intrinsic"] == x) & (table["transfer"] == y)]
-    assert len(sel) == 1, (scope, method, table["scope"].unique())
+def row(table, scope, method="pearson", epochs="all", estimand="correlation", x=X, y=Y) -> pd.Series:
+    sel = table[(table["scope"] == scope) & (table["method"] == method) & (table["intrinsic"] == x)
+                & (table["transfer"] == y) & (table["epochs"] == epochs) & (table["estimand"] == estimand)]  # fmt: skip
+    assert len(sel) == 1, (scope, method, epochs, table["scope"].unique())
     return sel.iloc[0]
 
 
@@ -67,74 +72,79 @@ def test_rowwise_correlations_are_scipys():
     assert math.isnan(correlate(np.ones(5), np.arange(5.0), "spearman"))
 
 
-def test_monotone_relation_gives_one_with_a_tight_interval_and_a_p_that_is_not_zero():
+def test_monotone_relation_gives_one_with_a_tight_interval_and_a_small_p():
     x = np.linspace(0.5, 0.95, 36).reshape(12, 3)
-    table = correlation_table(cells_table(x, x**3), None, [X], [Y], n_boot=200, n_perm=199, seed=0)
-    for scope in ("epochs=10", "cells"):
+    table = correlation_table(cells_table(x, x**3), None, [X], [Y], n_boot=200, seed=0)
+    for epochs in ("10", "all"):
         for method in ("spearman", "kendall"):
-            r = row(table, scope, method)
-            assert r["statistic"] == pytest.approx(1.0) and r["ci_low"] == pytest.approx(1.0)
-        r = row(table, scope, "pearson")
-        assert r["statistic"] > 0.98 and r["ci_low"] > 0.95
-        # never 0: the observed pairing counts among the permutations
-        assert r["p_value"] == pytest.approx(2 / 200) and r["p_value_resolution"] == pytest.approx(1 / 200)
-    r = row(table, "cells")
-    assert (r["n_models"], r["n_trajectories"]) == (36, 12) and r["resampled"].startswith("trajectories")
-    assert (row(table, "epochs=1")["n_models"], row(table, "epochs=1")["n_trajectories"]) == (12, 12)
+            r = row(table, "across_models", method, epochs)
+            assert r["statistic"] == pytest.approx(1.0) and r["ci_low"] > 0.99 and r["p_value"] < 1e-6
+        r = row(table, "across_models", "pearson", epochs)
+        assert r["statistic"] > 0.98 and r["ci_low"] > 0.9 and r["test"] == "Fisher z"
+    r = row(table, "across_models", "pearson", "all")
+    assert (r["n_models"], r["n_trajectories"], r["role"]) == (36, 12, "primary")
+    pooled = row(table, "pooled")
+    assert (pooled["n_models"], pooled["n_trajectories"], pooled["role"]) == (36, 12, "descriptive")
+    assert math.isnan(pooled["p_value"]) and "no test" in pooled["note"]  # a description: an interval, no p
 
 
-def test_independent_noise_interval_covers_zero_in_most_repeats():
+def test_independent_noise_interval_covers_zero_and_agrees_with_its_p():
     rng = np.random.default_rng(2)
     covered, small_p = 0, 0
     for rep in range(100):
         x, y = rng.normal(size=(20, 1)), rng.normal(size=(20, 1))
-        r = row(correlation_table(cells_table(x, y, epochs=(10,)), None, [X], [Y], methods=("pearson",),
-                                  n_boot=200, n_perm=200, seed=rep), "epochs=10")  # fmt: skip
-        covered += r["ci_low"] <= 0 <= r["ci_high"]
+        r = row(correlation_table(cells_table(x, y, epochs=(10,)), None, [X], [Y], methods=("pearson",), n_boot=0),
+                "across_models", epochs="10")
+        excludes = not (r["ci_low"] <= 0 <= r["ci_high"])
+        assert excludes == (r["p_value"] < 0.05)  # one model: interval and test cannot disagree
+        covered += not excludes
         small_p += r["p_value"] < 0.05
-    assert covered >= 85, covered
-    assert small_p <= 12, small_p
+    assert covered >= 88 and small_p <= 12, (covered, small_p)
 
 
-def test_nested_cells_do_not_pass_for_independent_models():
-    """9 trajectories × 3 nested cells that are nearly copies of one another, no relation between the
-    trajectories' intrinsic and transfer levels: 27 cells carry the information of 9 models. The
-    trajectory bootstrap says so (wide, covers 0); a bootstrap over cells would be far narrower."""
+def test_nested_cells_count_as_one_model_per_trajectory():
+    """9 trajectories × 3 nested cells that are nearly copies of one another: 27 cells carry the
+    information of 9 models, and the combined row says n = 9 (a Fisher interval with n = 27 would be
+    far narrower)."""
     rng = np.random.default_rng(3)
-    widths, naive_widths, covered, naive_covered, small_p = [], [], 0, 0, 0
-    for rep in range(40):
-        a, b = rng.normal(size=(9, 1)), rng.normal(size=(9, 1))
-        x, y = a + 0.1 * rng.normal(size=(9, 3)), b + 0.1 * rng.normal(size=(9, 3))
-        r = row(correlation_table(cells_table(x, y), None, [X], [Y], methods=("pearson",), n_boot=200, n_perm=200,
-                                  seed=rep), "cells")  # fmt: skip
-        assert (r["n_models"], r["n_trajectories"]) == (27, 9)
-        widths.append(r["ci_high"] - r["ci_low"])
-        covered += r["ci_low"] <= 0 <= r["ci_high"]
-        small_p += r["p_value"] < 0.05
-        # what treating the 27 cells as independent would say
-        naive = stats.bootstrap((x.ravel(), y.ravel()), lambda u, v, axis: stats.pearsonr(u, v, axis=axis).statistic,
-                                paired=True, n_resamples=200, rng=rep).confidence_interval
-        naive_widths.append(naive.high - naive.low)
-        naive_covered += naive.low <= 0 <= naive.high
-    assert np.mean(widths) > 1.0 and np.mean(widths) > 1.4 * np.mean(naive_widths), (np.mean(widths), np.mean(naive_widths))
-    assert covered >= 34 and naive_covered < covered, (covered, naive_covered)  # 34 of 40 = 85%
-    assert small_p <= 6, small_p
+    a, b = rng.normal(size=(9, 1)), rng.normal(size=(9, 1))
+    x, y = a + 0.1 * rng.normal(size=(9, 3)), b + 0.1 * rng.normal(size=(9, 3))
+    r = row(correlation_table(cells_table(x, y), None, [X], [Y], methods=("pearson",), n_boot=0), "across_models")
+    assert (r["n_models"], r["n_trajectories"]) == (27, 9)
+    assert r["ci_high"] - r["ci_low"] > 1.0
 
 
-def test_a_shared_trend_over_epochs_is_not_a_relation_between_trajectories():
-    """Both metrics rise with training, the trajectories' levels are unrelated: the pooled correlation is
-    high, but permuting whole trajectories (epoch by epoch) keeps the trend and finds nothing."""
-    rng = np.random.default_rng(4)
-    significant = 0
+def test_a_shared_trend_is_not_a_relation_between_models_nor_a_faster_lr():
+    """Both metrics rise with training; the largest lr learns ten times faster (both metrics), nothing
+    else links them: the pooled correlation is high (a description), the within-condition question
+    finds nothing beyond chance, and the across-models question at equal length sees the lr."""
+    design = Design(n_srm=3, lrs=(1e-3, 1e-2), seeds=3)
+    sim = simulate_curves(np.random.default_rng(4), 20, design, trend="lr", transfer="rise", a_y=0.2)
+    significant_seeds, significant_models = 0, 0
     for rep in range(20):
-        trend = np.array([0.0, 1.0, 2.0])
-        x = trend + 0.4 * rng.normal(size=(9, 1)) + 0.05 * rng.normal(size=(9, 3))
-        y = trend + 0.4 * rng.normal(size=(9, 1)) + 0.05 * rng.normal(size=(9, 3))
-        r = row(correlation_table(cells_table(x, y), None, [X], [Y], methods=("spearman",), n_boot=100, n_perm=200,
-                                  seed=rep), "cells", "spearman")  # fmt: skip
-        assert r["statistic"] > 0.6
-        significant += r["p_value"] < 0.05
-    assert significant <= 3, significant
+        points, cells = to_tables(sim, rep, design, X, Y)
+        table = correlation_table(cells, points, [X], [Y], methods=("pearson",), n_boot=0)
+        assert row(table, "pooled")["statistic"] > 0.6
+        seeds = row(table, "across_seeds")
+        assert seeds["restricted_to"] == "within srm × lr" and seeds["n_trajectories"] == 18
+        significant_seeds += seeds["p_value"] < 0.05
+        significant_models += row(table, "across_models", epochs="1")["p_value"] < 0.05
+    assert significant_seeds <= 3 and significant_models >= 15, (significant_seeds, significant_models)
+
+
+def test_along_training_shows_a_rise_then_fall_that_a_correlation_hides():
+    """Transfer peaks near epoch 1 and falls while intrinsic keeps rising (the planted stand-in's shape):
+    the change from 1 to 10 epochs is negative and the peaks are apart, the mean within-trajectory
+    correlation cannot say which way."""
+    design = Design(n_srm=2, lrs=(1e-2,), seeds=6)
+    sim = simulate_curves(np.random.default_rng(5), 1, design, transfer="rise_fall", a_y=0.1)
+    points, cells = to_tables(sim, 0, design, X, Y)
+    table = correlation_table(cells, points, [X], [Y], methods=("spearman",), n_boot=0)
+    change = row(table, "along_training", "", "1→10", "transfer_change")
+    assert change["ci_high"] < 0 and change["role"] == "primary" and change["n_trajectories"] == 12
+    assert row(table, "along_training", "", "1→10", "intrinsic_change")["ci_low"] > 0
+    lag = row(table, "along_training", "", "all", "peak_lag")
+    assert lag["ci_high"] < -0.5  # transfer's best epoch at least ~3× earlier than intrinsic's
 
 
 def points_table(n_traj: int, curve, rng, epochs=DENSE, **settings) -> pd.DataFrame:
@@ -146,7 +156,7 @@ def points_table(n_traj: int, curve, rng, epochs=DENSE, **settings) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def test_within_trajectory_scope_and_trained_restriction():
+def test_within_trajectory_correlation_and_trained_restriction():
     rng = np.random.default_rng(5)
     x = np.linspace(0.5, 0.9, 27).reshape(9, 3)
     cells = cells_table(x, -x)
@@ -154,35 +164,60 @@ def test_within_trajectory_scope_and_trained_restriction():
     cells.loc[cells["cell_epochs"] == 1, X] = 0.5
     points = points_table(9, lambda e, t, r: {X: math.log(e) + r.normal(0, 0.1), Y: -math.log(e) + r.normal(0, 0.1),
                                               "cifake_val/auc": 0.5 if e < 1 else 0.9}, rng)  # fmt: skip
-    table = correlation_table(cells, points, [X], [Y], methods=("pearson", "spearman"), n_boot=200, n_perm=600,
+    table = correlation_table(cells, points, [X], [Y], methods=("pearson", "spearman"), n_boot=200,
                               trained_threshold=0.7)  # fmt: skip
-    w = row(table, "within")
+    w = row(table, "along_training", "pearson", "all", "within_correlation")
     assert w["statistic"] < -0.95 and w["ci_high"] < 0 and (w["n_trajectories"], w["n_models"]) == (9, 9 * len(DENSE))
-    # 2**9 = 512 <= 600 sign flips: scipy enumerates them all; the observed one counts, so p > 0
-    assert w["p_value"] == pytest.approx(2**-8) and w["p_value_resolution"] == pytest.approx(2**-9)
-    trained = row(table, "cells|trained")
+    assert w["test"] == "one-sample t" and w["p_value"] < 0.05 and w["role"] == "exploratory"
+    trained = row(table, "pooled|trained")
     assert (trained["n_models"], trained["n_trajectories"]) == (18, 9) and trained["restricted_to"] == "cifake_val/auc >= 0.7"
-    assert row(table, "within|trained")["n_models"] == 9 * sum(e >= 1 for e in DENSE)
-    assert "epochs=1|trained" not in set(table["scope"])  # no trained cell at 1 epoch
-    flat = row(table, "epochs=1")  # accuracy 0.5 everywhere: no correlation, and it says why
+    flat = row(table, "across_models", epochs="1")  # accuracy 0.5 everywhere: no correlation, and it says why
     assert math.isnan(flat["statistic"]) and "constant" in flat["note"]
 
 
-def test_headline_names_scope_estimate_interval_and_n():
-    rng = np.random.default_rng(6)
-    a = rng.normal(size=(9, 1))
-    x = a + 0.3 * rng.normal(size=(9, 3))
-    table = correlation_table(cells_table(x, a + 0.3 * rng.normal(size=(9, 3))), None, [X], [Y], n_boot=200, n_perm=999)
-    line = headline(table, X, Y)
-    assert re.fullmatch(
-        r"Spearman ρ\(cifake_test/acc, agiri_test/acc\), cells pooled, trajectory bootstrap: [+-]\d\.\d\d "
-        r"\[95% CI [+-]\d\.\d\d, [+-]\d\.\d\d\], n = 27 models in 9 trajectories, "
-        r"permutation p = [\d.e-]+ \(resolution 1/1000\)",
-        line,
-    ), line
-    assert "cells at 10 epochs, model bootstrap" in headline(table, X, Y, method="kendall", scope="epochs=10")
-    with pytest.raises(KeyError, match="scopes there"):
-        headline(table, X, Y, scope="within")
+def test_headlines_one_per_question_with_interval_test_and_n():
+    design = Design(n_srm=3, lrs=(1e-3, 1e-2), seeds=2)
+    points, cells = to_tables(simulate_curves(np.random.default_rng(6), 1, design, rho=0.5), 0, design, X, Y)
+    table = correlation_table(cells, points, [X], [Y], n_boot=100)
+    primary = primary_rows(table)
+    assert list(primary["scope"]) == ["along_training", "across_models", "across_seeds"]
+    assert (primary["adjustment"] == "Holm over 3 primary rows").all()
+    assert (table.loc[table["role"] == "exploratory", "adjustment"].str.startswith("BH over")).all()
+    lines = [headline(r) for r in primary.to_dict("records")]
+    assert re.fullmatch(r"along training: change in agiri_test/acc from epoch 1 to 10 \(mean over trajectories\): "
+                        r"[+-]\d\.\d{3} \[95% CI [+-]\d\.\d{3}, [+-]\d\.\d{3}\], one-sample t p [=<] [\d.]+; "
+                        r"Holm-adjusted [=<] [\d.]+, n = 12 trajectories", lines[0]), lines[0]  # fmt: skip
+    assert lines[1].startswith("across models at equal length: Pearson r(cifake_test/acc, agiri_test/acc), standing "
+                               "averaged over lengths: ") and "Fisher z p" in lines[1]
+    assert lines[2].startswith("across seeds within a condition: Pearson r") and lines[2].endswith("n = 12 trajectories")
+
+
+def test_table_rows_never_show_an_interval_and_a_p_that_disagree():
+    """On null tables (a common trend, condition effects on intrinsic only), every row with a p:
+    the interval excludes 0 exactly when p < 0.05."""
+    design = Design(n_srm=3, lrs=(1e-3, 1e-2), seeds=2)
+    sim = simulate_curves(np.random.default_rng(7), 10, design, condition_x=0.05)
+    for rep in range(10):
+        points, cells = to_tables(sim, rep, design, X, Y)
+        t = correlation_table(cells, points, [X], [Y], n_boot=0)
+        t = t[np.isfinite(t["p_value"].astype(float))]
+        excludes = (t["ci_low"] > 0) | (t["ci_high"] < 0)
+        assert (excludes == (t["p_value"] < 0.05)).all(), t[excludes != (t["p_value"] < 0.05)].to_string()
+
+
+def test_pooled_bootstrap_groups_unequal_resamples_bit_identically():
+    """Trajectories of unequal length (a missing cell): the resamples stacked by size give exactly what
+    one correlation per resample gives."""
+    rng = np.random.default_rng(8)
+    cells = cells_table(rng.normal(size=(7, 3)), rng.normal(size=(7, 3)))
+    cells = cells.drop(index=[2, 5]).reset_index(drop=True)  # two trajectories lack their 50-epoch cell
+    data = Clusters(cells, X, Y, "cell_epochs")
+    picks = rng.integers(0, 7, size=(300, 7))
+    rows = data.rows(picks)
+    assert isinstance(rows, list)
+    for method in ("pearson", "spearman", "kendall"):
+        one_by_one = np.array([correlate(data.x[r], data.y[r], method) for r in rows])
+        np.testing.assert_array_equal(data.many(rows, method), one_by_one)
 
 
 def test_one_row_per_cell_is_required():
@@ -274,30 +309,46 @@ def test_rule_comparison_recovers_an_early_transfer_peak():
     points = pd.concat([points_table(3, peaked, rng, srm=s, lr=lr).assign(trajectory=lambda f, s=s, lr=lr: f"{s}-{lr}-" + f["trajectory"])
                         for s, lr in conditions])  # fmt: skip
     cut = cutoff_table(points, report=("agiri_test/auc", "cifake_test/acc"))
-    cmp = rule_comparison(cut, "agiri_test/auc", rules=("transfer_val", "patience"), n_boot=500, seed=0,
-                          strata=("srm", "lr")).set_index("rule")  # fmt: skip
-    r = cmp.loc["transfer_val"]
-    assert r["n_trajectories"] == 12 and r["ci_low"] > 0.02 and r["n_higher"] == 12
-    assert 0 < r["p_value"] < 0.01 and r["p_value_resolution"] == pytest.approx(1 / 1001)  # 2**12 flips > 1000: drawn
-    assert r["resampled"].startswith("trajectories within srm × lr strata")
-    assert r["mean_diff"] == pytest.approx(r["mean_rule"] - r["mean_baseline"])
+    for strata, test, df in ((None, "t over trajectories", 11), (("srm", "lr"), "stratified t (srm × lr)", 8)):
+        cmp = rule_comparison(cut, "agiri_test/auc", rules=("transfer_val", "patience"), strata=strata).set_index("rule")
+        r = cmp.loc["transfer_val"]
+        assert r["n_trajectories"] == 12 and r["ci_low"] > 0.02 and r["n_higher"] == 12
+        assert (r["test"], r["df"], r["role"]) == (test, df, "primary") and 0 < r["p_value"] < 0.01
+        assert r["mean_diff"] == pytest.approx(r["mean_rule"] - r["mean_baseline"])
+        # patience keeps the best loss point: the same as the baseline here, and it says so
+        assert cmp.loc["patience", "role"] == "exploratory" and cmp.loc["patience", "note"].startswith("all 12 differences equal")
+    line = comparison_headline(cmp.reset_index().iloc[0])
+    assert line.startswith("cutoff: transfer_val − intrinsic_val_loss on agiri_test/auc (mean paired difference): +0.")
+    assert "stratified t (srm × lr) p < 0.001" in line and line.endswith("n = 12 trajectories")
 
 
 def test_rule_comparison_finds_nothing_on_null_curves():
-    """Transfer flat (noise only): picking its validation maximum gains nothing on test. A bootstrap
-    interval of a mean over 12 trajectories covers in ~87-89% of repeats (simulated; statistics.py),
-    the sign-flip p is exact: so the bars are 30 of 40 and 5 of 40."""
+    """Transfer flat (noise only): picking its validation maximum gains nothing on test. The t interval
+    covers at its level (tests/test_calibration.py): 40 repeats, bars 34 and 5 (P(fewer) < 3% each)."""
     rng = np.random.default_rng(10)
     covered, significant, diffs = 0, 0, []
     for rep in range(40):
         cut = cutoff_table(points_table(12, flat, rng), report=("agiri_test/auc",))
-        r = rule_comparison(cut, "agiri_test/auc", rules=("transfer_val",), n_boot=300, n_perm=300, seed=rep).iloc[0]
-        assert r["resampled"] == "trajectories" and r["n_trajectories"] == 12
+        r = rule_comparison(cut, "agiri_test/auc", rules=("transfer_val",)).iloc[0]
+        assert r["test"] == "t over trajectories" and r["n_trajectories"] == 12
         covered += r["ci_low"] <= 0 <= r["ci_high"]
         significant += r["p_value"] < 0.05
         diffs.append(r["mean_diff"])
-    assert covered >= 30 and significant <= 5, (covered, significant)
+    assert covered >= 34 and significant <= 5, (covered, significant)
     assert abs(np.mean(diffs)) < 0.004
+
+
+def test_rule_comparison_says_when_it_cannot_and_never_switches_method():
+    rng = np.random.default_rng(12)
+    points = pd.concat([points_table(1, flat, rng, srm=s, lr=1e-3).assign(trajectory=s) for s in ("a", "b", "c")])
+    cut = cutoff_table(points, report=("agiri_test/auc",))
+    same = cut.copy()
+    same.loc[same["rule"] == "transfer_val", "agiri_test/auc"] = same.loc[same["rule"] == "intrinsic_val_loss", "agiri_test/auc"].to_numpy()
+    r = rule_comparison(same, "agiri_test/auc", rules=("transfer_val",)).iloc[0]
+    assert r["note"].startswith("all 3 differences equal") and math.isnan(r["ci_low"]) and math.isnan(r["p_value"])
+    # one trajectory per stratum: the stratified t has no degrees of freedom and says so, no fallback
+    r = rule_comparison(cut, "agiri_test/auc", rules=("transfer_val",), strata=("srm",)).iloc[0]
+    assert r["test"] == "stratified t (srm)" and math.isnan(r["ci_low"]) and "no within-stratum variance" in r["note"]
 
 
 def test_cutoff_summary_uses_the_same_trajectories_for_every_rule():

@@ -29,7 +29,7 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     assert out.splitlines()[0].startswith("MLflow tracking: sqlite:///")
     assert "mlflow ui --backend-store-uri sqlite:///" in out.splitlines()[0]
     assert "[progress] trials 2/2 done" in out
-    assert "headline: Spearman" in out or "cutoffs" in out
+    assert "headline: along training" in out or "cutoffs" in out
 
     c, parent, children = workspace.runs("smoke1")
     assert parent.info.status == "FINISHED"
@@ -68,8 +68,8 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     # test_bundled_sweep_logs_the_same_cells_in_half_the_trials has one)
     assert pm["headline/n_models"] == 4 and pm["headline/n_trajectories"] == 2
     assert any(k.startswith("cutoff/transfer_val/") for k in pm) and not any(k.startswith("corr/") for k in pm)
-    assert "headline: Spearman ρ(cifake_test/acc, agiri_test/acc), cells pooled, trajectory bootstrap: not computable" in out
-    assert "n = 4 models in 2 trajectories" in out
+    assert "headline: along training: change in agiri_test/acc from epoch 1 to 2 (mean over trajectories)" in out
+    assert re.search(r"headline: across seeds within a condition: .*: not computable \(.*\), n = 0 trajectories", out), out[-3000:]
     analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
     assert {"analysis/cutoffs.csv", "analysis/correlations.csv", "analysis/cells_summary.csv", "analysis/variance.csv",
             "analysis/cutoff_comparison.csv", "analysis/run_record.json"} <= analysis
@@ -253,13 +253,15 @@ def test_bundled_sweep_logs_the_same_cells_in_half_the_trials(workspace, run):
         sweeps[k] = {r.info.run_name: r for r in children}
         assert len(list((workspace.storage / f"bundle{k}").glob("trial_*"))) == {"1": 4, "2": 2}[k]
     # four trajectories: a headline with an interval, and seeds summarised with finite spreads
-    assert re.search(r"headline: Spearman ρ\(cifake_test/acc, agiri_test/acc\), cells pooled, trajectory bootstrap: "
-                     r"[+-]\d\.\d\d \[95% CI [+-]\d\.\d\d, [+-]\d\.\d\d\], n = 8 models in 4 trajectories", proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"headline: across models at equal length: Pearson r\(cifake_test/acc, agiri_test/acc\), standing averaged "
+                     r"over lengths: [+-]\d\.\d{3} \[95% CI [+-]\d\.\d{3}, [+-]\d\.\d{3}\], Fisher z p .*, n = 4 trajectories",
+                     proc.stdout), proc.stdout[-3000:]
     c, parent, _ = workspace.runs("bundle2")
     with tempfile.TemporaryDirectory() as d:
         summary = pd.read_csv(c.download_artifacts(parent.info.run_id, "analysis/cells_summary.csv", d))
     assert (summary["n_seeds"] == 2).all() and summary["agiri_test/auc_std"].notna().all()
-    assert parent.data.metrics["headline/ci_low"] <= parent.data.metrics["headline/statistic"] <= parent.data.metrics["headline/ci_high"]
+    pm = parent.data.metrics
+    assert pm["headline/across_models/ci_low"] <= pm["headline/across_models/statistic"] <= pm["headline/across_models/ci_high"]
     one, two = sweeps["1"], sweeps["2"]
     assert sorted(one) == sorted(two) and len(one) == 8  # 2 placements × 2 seeds × epochs {1, 2}
     ignore = {"sweep"}

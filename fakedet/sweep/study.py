@@ -193,22 +193,47 @@ class DataOptions(_Section):
     transfer, fakedet/data/STANDIN.md)."""
 
 
-class StatisticsOptions(_Section):
-    """How the analysis measures uncertainty (fakedet/sweep/statistics.py)."""
+class Primary(_Section):
+    """The pre-registered primary answer of each question, fixed in the study file before the sweep
+    (README, "Statistics"): printed as the headlines and Holm-adjusted together; every other row of
+    `analysis/correlations.csv` is exploratory (Benjamini–Hochberg). The pair is the first intrinsic
+    and the first transfer metric of `[metrics]`; the cutoff question's is `[cutoff]`'s `report[0]`."""
 
+    along_training: Literal["transfer_change", "peak_lag", "within_correlation"] = "transfer_change"
+    """As one model trains: `transfer_change`, the mean over trajectories of transfer at
+    `change_between[1]` minus at `change_between[0]` epochs (the study's contrast: its 1-epoch model
+    transferred better than its 10-epoch one); `peak_lag`, log10 epoch of best transfer minus of best
+    intrinsic skill; `within_correlation`, each trajectory's correlation over its points (≈ +1 whenever
+    both rise: it measures the shared trend)."""
+    change_between: Annotated[list[PositiveFloat], Field(min_length=2, max_length=2)] = [1.0, 10.0]
+    """The two lengths (epochs) of `transfer_change`: the study's mini (1) and base (10) models."""
+    correlation: Literal["pearson", "spearman", "kendall"] = "pearson"
+    """The correlation of the across-models and across-seeds questions (over all lengths: each model's
+    standing averaged over the lengths)."""
+    rule: str = "transfer_val"
+    """The cutoff rule compared with early stopping on the intrinsic validation loss."""
+
+
+class StatisticsOptions(_Section):
+    """How the analysis measures uncertainty, and its primary answers (fakedet/analysis/)."""
+
+    primary: Primary = Primary()
+    """The headline answer of each question, chosen before the sweep."""
     n_boot: PositiveInt = 1000
-    """Bootstrap resamples (of whole trajectories) per interval."""
-    n_perm: PositiveInt = 1000
-    """Permutations (of whole trajectories) per p-value; the smallest p is 1/(n_perm + 1)."""
+    """Bootstrap resamples (of whole trajectories) for the descriptive pooled correlation's interval."""
     seed: int = 0
     """Seeds every resample: the same sweep gives the same table."""
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     trained_metric: MetricName = "cifake_val/auc"
     """With `trained_threshold`: the intrinsic validation metric a cell must clear to count as trained."""
     trained_threshold: float | None = 0.75
-    """`trained` rows keep only cells whose `trained_metric` reaches this, so models still on the all-FAKE
-    plateau (accuracy 0.5, AUC ~0.6-0.7 on the stand-in's first epoch) do not drive the correlation;
-    none: no such rows."""
+    """A `pooled|trained` row keeps only cells whose `trained_metric` reaches this, so models still on the
+    all-FAKE plateau (accuracy 0.5, AUC ~0.6-0.7 on the stand-in's first epoch) do not drive the
+    descriptive pooled correlation; none: no such row."""
+    cutoff_strata: list[str] = []
+    """Columns whose combinations stratify the cutoff comparison's t (e.g. ["srm", "lr"]: df = trajectories
+    − conditions, needs 2+ seeds in some condition); empty: a t over trajectories (valid with one seed
+    per condition, wider when conditions differ)."""
 
     @field_validator("trained_metric")
     @classmethod

@@ -1,0 +1,98 @@
+"""Seeds per condition, multiplicity adjustment, and the headline lines the report prints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from statsmodels.stats.multitest import multipletests
+
+from fakedet.analysis.resampling import SYMBOLS
+
+CONDITION = ("srm", "cell_epochs", "lr")  # one cell condition; seeds replicate it
+
+
+def cells_summary(cells: pd.DataFrame, metrics: Sequence[str], by: Sequence[str] = CONDITION) -> pd.DataFrame:
+    """One row per cell condition (`by`, default srm × cell_epochs × lr) with `n_seeds` and, for every
+    metric, `<metric>_mean` and `<metric>_std` over the seeds (std with ddof 1: NaN when n_seeds == 1).
+
+    Needs the columns `by`, the metrics and (for `n_seeds`) `seed`. Pass the cells to count (e.g.
+    FINISHED ones only). A metric missing from the table is left out; NaN values are skipped.
+    """
+    missing = [c for c in by if c not in cells]
+    if missing:
+        raise KeyError(f"cells_summary groups by {list(by)}; the cells lack {missing}")
+    metrics = [m for m in metrics if m in cells]
+    groups = cells.groupby(list(by), sort=True, dropna=False)
+    out = groups.agg(n_seeds=("seed", "nunique") if "seed" in cells else (by[0], "size"))
+    for m in metrics:
+        values = groups[m].agg(["mean", "std"])
+        out[f"{m}_mean"] = values["mean"]
+        out[f"{m}_std"] = values["std"]
+    return out.reset_index()
+
+
+def adjust(table: pd.DataFrame) -> pd.DataFrame:
+    """Fill `p_adjusted` and `adjustment` of a table with `role` and `p_value` columns: Holm over the
+    `primary` rows (family-wise error over the pre-registered answers), Benjamini–Hochberg over the
+    `exploratory` rows (false discovery rate over the rest), both `statsmodels.stats.multitest.multipletests`.
+    Rows without a p-value (descriptive rows, or no test possible) keep NaN."""
+    table = table.copy()
+    table["p_adjusted"] = math.nan
+    table["adjustment"] = ""
+    for role, method, name in (("primary", "holm", "Holm"), ("exploratory", "fdr_bh", "BH")):
+        at = table.index[(table["role"] == role) & np.isfinite(table["p_value"].astype(float))]
+        if len(at):
+            table.loc[at, "p_adjusted"] = multipletests(table.loc[at, "p_value"].astype(float), method=method)[1]
+            table.loc[at, "adjustment"] = f"{name} over {len(at)} {role} rows"
+    return table
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
+QUESTIONS = {
+    "along_training": "along training",
+    "across_models": "across models at equal length",
+    "across_seeds": "across seeds within a condition",
+}
+
+
+def headline(row: pd.Series | dict) -> str:
+    """One line for one analysis row (a correlation-table or rule-comparison row): the question, the
+    estimand, the estimate with its interval, the test of the same null with its p (and adjusted p),
+    n and the unit; or why nothing could be computed."""
+    r = dict(row)
+    what = r.get("label") or describe(r)
+    n = f"n = {int(r['n_trajectories'])} trajectories"
+    if not math.isfinite(float(r["statistic"])):
+        return f"{what}: not computable ({r['note']}), {n}"
+    if not math.isfinite(float(r["ci_low"])):
+        return f"{what}: {r['statistic']:+.3f}, {r['note'] or 'no interval'}; {n}"
+    ci = f"[{r['confidence']:.0%} CI {r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+    test = ""
+    if math.isfinite(float(r["p_value"])):
+        adj = f"; {r['adjustment'].split(' ')[0]}-adjusted {_p(r['p_adjusted'])}" if r.get("adjustment") else ""
+        test = f", {r['test']} p {_p(r['p_value'])}{adj}"
+    return f"{what}: {r['statistic']:+.3f} {ci}{test}, {n}"
+
+
+def describe(r: dict) -> str:
+    """The estimand of a correlation-table row in words."""
+    question = QUESTIONS.get(r["scope"], r["scope"])
+    x, y, est = r["intrinsic"], r["transfer"], r["estimand"]
+    if est == "transfer_change":
+        lo, hi = r["epochs"].split("→")
+        return f"{question}: change in {y} from epoch {lo} to {hi} (mean over trajectories)"
+    if est == "intrinsic_change":
+        lo, hi = r["epochs"].split("→")
+        return f"{question}: change in {x} from epoch {lo} to {hi} (mean over trajectories)"
+    if est == "peak_lag":
+        return f"{question}: log10 epoch of best {y} − of best {x} (mean over trajectories)"
+    if est == "within_correlation":
+        return f"{question}: {r['method'].capitalize()} {SYMBOLS[r['method']]}({x}, {y}) over each trajectory's points (mean)"
+    at = "standing averaged over lengths" if r["epochs"] == "all" else f"cells at {r['epochs']} epochs"
+    return f"{question}: {r['method'].capitalize()} {SYMBOLS[r['method']]}({x}, {y}), {at}"
