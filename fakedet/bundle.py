@@ -68,6 +68,11 @@ results) is the first config's."""
 BundleCallback = Callable[[int, EvalRecord, Callable[[], dict[str, Any]]], "bool | None"]
 
 
+def bundle_key(cfg: TrainConfig) -> tuple:
+    """The values of `SHARED_FIELDS` for `cfg`: configs with equal keys can train as one bundle."""
+    return tuple(getattr(cfg, name) for name in SHARED_FIELDS)
+
+
 def check_bundle(cfgs: Sequence[TrainConfig]) -> None:
     """Refuse configs that cannot train as one bundle, naming the first field that differs."""
     if not cfgs:
