@@ -46,7 +46,7 @@ from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.metrics import score_logits
 from fakedet.models import build_model
-from fakedet.preprocess import preprocess, resolve_device, uint8_tensor
+from fakedet.preprocess import algorithms, ieee_float32, preprocess, resolve_device, uint8_tensor
 from fakedet.train import (
     STATE_FORMAT,
     BatchSchedule,
@@ -66,6 +66,11 @@ results) is the first config's."""
 # A bundle callback gets the model's index in the bundle, its record and a function returning its
 # resumable state (the format of `train`'s snapshots); returning True stops that model only.
 BundleCallback = Callable[[int, EvalRecord, Callable[[], dict[str, Any]]], "bool | None"]
+
+
+def bundle_key(cfg: TrainConfig) -> tuple:
+    """The values of `SHARED_FIELDS` for `cfg`: configs with equal keys can train as one bundle."""
+    return tuple(getattr(cfg, name) for name in SHARED_FIELDS)
 
 
 def check_bundle(cfgs: Sequence[TrainConfig]) -> None:
@@ -199,6 +204,22 @@ def epoch_order(schedules: Sequence[BatchSchedule], epoch: int, device: torch.de
 
 
 def train_bundle(
+    cfgs: Sequence[TrainConfig],
+    train_set: ImageSet,
+    eval_sets: Mapping[str, ImageSet] | None = None,
+    *,
+    on_eval: BundleCallback | None = None,
+    resume: Sequence[dict[str, Any] | None] | None = None,
+    progress: bool = False,
+) -> list[TrainResult]:
+    """`_train_bundle` under `train`'s settings: IEEE float32 convolutions, and the deterministic algorithms
+    when a config asks for them."""
+    cfgs = list(cfgs)
+    with algorithms(any(c.deterministic for c in cfgs)), ieee_float32():
+        return _train_bundle(cfgs, train_set, eval_sets, on_eval=on_eval, resume=resume, progress=progress)
+
+
+def _train_bundle(
     cfgs: Sequence[TrainConfig],
     train_set: ImageSet,
     eval_sets: Mapping[str, ImageSet] | None = None,

@@ -242,13 +242,23 @@ def test_gpu_steps_never_wait_for_the_device(toy):
 def test_gpu_bundle_equals_each_model_trained_alone(toy):
     train_set, eval_sets = data(toy)
     cfgs = [small_cfg(device="cuda", srm="pool1", **v) for v in VARIED]
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions round to 10 bits: compare float32 arithmetic
-    try:
-        bundled = train_bundle(cfgs, train_set, eval_sets)
-        for cfg, b in zip(cfgs, bundled):
-            alone = train(cfg, train_set, eval_sets)
-            assert_same_history(alone.history, b.history, atol=1e-4)
-            assert_same_state(alone.model.state_dict(), b.model.state_dict(), atol=1e-4)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    bundled = train_bundle(cfgs, train_set, eval_sets)  # both sides in IEEE float32 (`ieee_float32`)
+    for cfg, b in zip(cfgs, bundled):
+        alone = train(cfg, train_set, eval_sets)
+        assert_same_history(alone.history, b.history, atol=1e-4)
+        assert_same_state(alone.model.state_dict(), b.model.state_dict(), atol=1e-4)
+
+
+def test_every_bundled_step_runs_in_float32_and_deterministic(toy, monkeypatch):
+    # the CPU dry run of the GPU path: TF32 on outside, off inside at every step; deterministic as asked
+    seen, step = [], StackedModels.step
+
+    def recording(self, *args):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                     torch.are_deterministic_algorithms_enabled()))
+        return step(self, *args)
+
+    monkeypatch.setattr(StackedModels, "step", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    train_bundle([small_cfg(deterministic=True, **v) for v in VARIED[:2]], toy(160, 0))
+    assert len(seen) == 20 and set(seen) == {(False, False, True)}
