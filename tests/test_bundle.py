@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fakedet.bundle import StackedModels, build_initial, epoch_order, train_bundle
+from fakedet.bundle import SHARED_FIELDS, StackedModels, StackedStepper, bundle_key
 from fakedet.config import TrainConfig
-from fakedet.train import BatchSchedule, train
+from fakedet.train import BatchSchedule, ModuleStepper, build_initial, epoch_order, train, train_bundle, train_models
 
 # Bundled and solo runs differ by float32 reassociation only (a grouped convolution and batched matrix
 # products sum in another order than the solo kernels). Over these runs (20-30 steps) the largest
@@ -242,13 +242,9 @@ def test_gpu_steps_never_wait_for_the_device(toy):
 def test_gpu_bundle_equals_each_model_trained_alone(toy):
     train_set, eval_sets = data(toy)
     cfgs = [small_cfg(device="cuda", srm="pool1", **v) for v in VARIED]
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions round to 10 bits: compare float32 arithmetic
-    try:
-        bundled = train_bundle(cfgs, train_set, eval_sets)
-        for cfg, b in zip(cfgs, bundled):
-            alone = train(cfg, train_set, eval_sets)
-            assert_same_history(alone.history, b.history, atol=1e-4)
-            assert_same_state(alone.model.state_dict(), b.model.state_dict(), atol=1e-4)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    # no TF32 to switch off by hand: the one loop runs both steppers in IEEE float32
+    bundled = train_bundle(cfgs, train_set, eval_sets)
+    for cfg, b in zip(cfgs, bundled):
+        alone = train(cfg, train_set, eval_sets)
+        assert_same_history(alone.history, b.history, atol=1e-4)
+        assert_same_state(alone.model.state_dict(), b.model.state_dict(), atol=1e-4)
