@@ -1,4 +1,11 @@
-"""The one training function. The CLI, sweeps, notebooks, benchmarks and tests all call `train`.
+"""The one training loop. The CLI, notebooks, benchmarks and tests call `train` (one model); sweeps and
+bundles call `train_models` (K >= 1 models), which `train` is with one config.
+
+The loop is the same for every K; only its stepper differs: one model steps as a plain module with
+`torch.optim.SGD` (`ModuleStepper`), several as one vmapped stack (`fakedet.bundle.StackedStepper`).
+Input checks, initialisation, resume, batch order, evaluation records, snapshots (`STATE_FORMAT`), the
+float32 and deterministic settings and the result are shared, so a bundled model's state resumes alone
+and a solo state resumes inside a bundle.
 
 Data arrive as `ImageSet`s (uint8 N×32×32×3). They are put on the device once as uint8 and batched
 there (no DataLoader: at 32×32 the per-batch Python of a DataLoader costs more than the model); each
