@@ -1,10 +1,11 @@
 """Training throughput of a bundle of K models in one process against K separate processes of `train`.
 
-For each K: `fakedet.bundle.train_bundle` trains K configurations (seeds 0..K-1, learning rates spread over
-1e-3..1e-2) in this process; then K child processes each run `fakedet.train.train` on one of the same
-configurations at the same time, on the same device, as K Ray trials on one machine would. Both train the
-study's CNN at batch 32 on synthetic images (uniform noise, random labels: throughput does not depend on the
-pixels) for --steps steps.
+For each K: `fakedet.train.train_models` trains K configurations (seeds 0..K-1, learning rates spread over
+1e-3..1e-2) in this process, one stacked step for all (K = 1: the plain-module stepper, `train` itself);
+then K child processes each run `fakedet.train.train` on one of the same configurations at the same time,
+on the same device, as K Ray trials on one machine would. Both are the one training loop, so both compute
+in IEEE float32 (no TF32) under the same algorithm choice. Both train the study's CNN at batch 32 on
+synthetic images (uniform noise, random labels: throughput does not depend on the pixels) for --steps steps.
 
     python benchmarks/bench_bundle.py [--device cuda|cpu] [--n-images 90000] [--steps 500] [--ks 1,4,16,64]
     python benchmarks/bench_bundle.py --device cpu --n-images 2000 --steps 40 --ks 1,4,16 --threads 1  # ~2 min
@@ -32,9 +33,8 @@ import numpy as np
 import torch
 
 from fakedet.arrays import ImageSet
-from fakedet.bundle import train_bundle
 from fakedet.config import TrainConfig
-from fakedet.train import BatchSchedule, train
+from fakedet.train import BatchSchedule, train, train_models
 
 BATCH = 32  # the study's batch size
 
@@ -62,11 +62,10 @@ def time_bundle(data: ImageSet, cfgs: list[TrainConfig]) -> float:
     """Images/s summed over the bundle's models, loop only."""
     clock: dict[int, float] = {}
 
-    def on_eval(k, record, snapshot):
-        if k == len(cfgs) - 1:  # the last model's record: every model's step is done
-            clock[record.step] = time.perf_counter()
+    def on_point(evals):  # every model's step is done
+        clock[evals[0].record.step] = time.perf_counter()
 
-    train_bundle(cfgs, data, on_eval=on_eval)
+    train_models(cfgs, data, on_eval=on_point)
     (first, t0), (last, t1) = min(clock.items()), max(clock.items())
     return len(cfgs) * (last - first) * BATCH / (t1 - t0)
 

@@ -1,75 +1,49 @@
-"""Training a bundle of models at once: K configurations of one architecture, one fused step for all.
+"""Bundles: K models of one architecture stepped at once, the stacked stepper of `fakedet.train`'s one loop.
 
 At batch 32 a training step of the study's CNN (61,241 parameters) on a GPU is bound by kernel launches and
-Python, not by arithmetic. `train_bundle` trains K configurations that share the architecture, SRM
-placement, batch size, shuffle mode, length, evaluation points and device, and differ in learning rate,
-momentum and seed, as one stacked model:
+Python, not by arithmetic. `fakedet.train.train_models` trains K configurations that share the architecture,
+SRM placement, batch size, shuffle mode, length, evaluation points, device and algorithm choice
+(`SHARED_FIELDS`), and differ in learning rate, momentum and seed; for K > 1 it steps them with
+`StackedStepper`, which holds them as one stacked model:
 
 - the K models' parameters are the rows of one (K, P) tensor; the forward pass is `torch.func.vmap` over
   `torch.func.functional_call` of the architecture's own module (convolutions run as grouped convolutions,
   linear layers as batched matrix products), so every registered architecture and SRM placement bundles
   without a second implementation; BatchNorm running statistics are stacked (K, C) buffers updated in place;
-- each model draws its own batch from one uint8 copy of the training images on the device (a (K, B) index
-  per step, from each model's own `BatchSchedule`), normalised per batch;
+- each model draws its own batch from one uint8 copy of the training images on the device (row k of a
+  (K, B) index per step, from each model's own `BatchSchedule`), normalised per batch;
 - each model's loss is its own batch mean; the backward pass of their sum gives each model its own gradient;
 - SGD with momentum (torch.optim.SGD's arithmetic: buf = momentum*buf + grad, p -= lr*buf) updates all rows
   in three tensor operations, with per-model lr and momentum columns.
 
-Each model keeps its initialisation (built as `train` builds it), its batch order, its hyperparameters,
-its history, its callbacks and its resumable state in `train`'s format: a bundled model resumes alone with
-`train(resume=...)` and a solo run's state resumes inside a bundle. Results equal training each model alone
-up to floating-point reassociation (a grouped convolution sums in another order than a single one);
-tests/test_bundle.py bounds the difference.
-
-The step loop never waits for the device: losses accumulate on the device, batch indices for a whole epoch
-go up in one copy, and only evaluation points read values back. A model whose training loss or logits are
-not finite at an evaluation point is ended as diverged; a model whose callback returns True is stopped;
-either way its rows leave the stacked tensors, and the others continue unchanged.
+The loop, its input checks, resume, evaluation records, snapshots and float32/determinism settings are
+`fakedet.train`'s, the same for one model and for K; this module holds no loop. Results equal training each
+model alone up to floating-point reassociation (a grouped convolution sums in another order than a single
+one); tests/test_bundle.py bounds the difference. Nothing in a step waits for the device.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
-from fakedet.metrics import score_logits
-from fakedet.models import build_model
-from fakedet.preprocess import algorithms, ieee_float32, preprocess, resolve_device, uint8_tensor
-from fakedet.train import (
-    STATE_FORMAT,
-    BatchSchedule,
-    EvalRecord,
-    TrainResult,
-    _check_resumable,
-    _cpu_copy,
-    eval_steps,
-    total_steps,
-)
+from fakedet.preprocess import preprocess
 
-SHARED_FIELDS = ("arch", "srm", "batch_size", "shuffle", "epochs", "eval_at", "device")
+SHARED_FIELDS = ("arch", "srm", "batch_size", "shuffle", "epochs", "eval_at", "device", "deterministic")
 """Config fields every model of a bundle must share: they fix the network's shape, the steps and the
-evaluation points, and the device. lr, momentum and seed may differ; eval_batch_size (no effect on
-results) is the first config's."""
-
-# A bundle callback gets the model's index in the bundle, its record and a function returning its
-# resumable state (the format of `train`'s snapshots); returning True stops that model only.
-BundleCallback = Callable[[int, EvalRecord, Callable[[], dict[str, Any]]], "bool | None"]
+evaluation points, the device, and the process-wide GPU algorithm choice the loop runs under. lr, momentum
+and seed may differ; eval_batch_size (no effect on results) is the first config's."""
 
 
 def bundle_key(cfg: TrainConfig) -> tuple:
-    """The values of `SHARED_FIELDS` for `cfg`: configs with equal keys can train as one bundle."""
+    """The values of `SHARED_FIELDS`: configs with equal keys can train as one bundle."""
     return tuple(getattr(cfg, name) for name in SHARED_FIELDS)
 
 
@@ -85,18 +59,6 @@ def check_bundle(cfgs: Sequence[TrainConfig]) -> None:
                     f"cannot bundle: configs differ in {name!r} (model 0: {getattr(first, name)!r}, "
                     f"model {i}: {getattr(cfg, name)!r}); a bundle shares {', '.join(SHARED_FIELDS)}"
                 )
-
-
-def build_initial(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The model `train` starts from: built under the config's seed without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return build_model(cfg.arch, cfg.srm).to(device)
-
-
-def sgd_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """The optimizer `train` uses, so that states load and save in its format."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, foreach=True)
 
 
 class StackedModels:
@@ -188,193 +150,52 @@ def flatten_parameters(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def epoch_order(schedules: Sequence[BatchSchedule], epoch: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """Every model's batches of `epoch` as one (K, items) index tensor on the device, and the step offsets.
 
-    All models share the number of items and the batch size, so step s is columns offsets[s]:offsets[s+1]
-    for every model (`full` mode's last, shorter batch included). One copy per epoch; pinned and
-    asynchronous on CUDA, so the host does not wait for the device's queue.
+class StackedStepper:
+    """The stepper of `fakedet.train.train_models` for K > 1: one vmapped SGD step for all models.
+
+    Takes each model's module and `torch.optim.SGD` as the loop built them (initialised, resumed): their
+    weights and momentum buffers go into a `StackedModels`; the modules and optimizers are kept to hand
+    each row's state back in their shapes (`module`, `optimizer`), so snapshots are `train`'s format.
+    Rows are the loop's live models, in order; `keep` drops the others.
     """
-    batches = [s.epoch(epoch) for s in schedules]
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in batches[0]])]).tolist()
-    order = torch.from_numpy(np.stack([np.concatenate(b) for b in batches]).astype(np.int64))
-    if device.type == "cuda":
-        return order.pin_memory().to(device, non_blocking=True), offsets
-    return order.to(device), offsets
 
+    def __init__(self, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.SGD]) -> None:
+        self.models, self.optimizers = list(models), list(optimizers)
+        groups = [o.param_groups[0] for o in self.optimizers]
+        buffers = []
+        for model, optimizer in zip(self.models, self.optimizers):
+            # .get: indexing torch.optim.SGD's state (a defaultdict) would add empty entries to its state dict
+            saved = [optimizer.state.get(p, {}).get("momentum_buffer") for p in model.parameters()]
+            if all(b is not None for b in saved):  # a resumed state with momentum on
+                buffers.append(torch.cat([b.reshape(-1) for b in saved]))
+            else:  # a fresh start (torch.optim.SGD's first step sets buf = grad: momentum*0 + grad here)
+                buffers.append(torch.zeros_like(flatten_parameters(model)))
+        self.stack = StackedModels(self.models, buffers, [g["lr"] for g in groups], [g["momentum"] for g in groups])
 
-def train_bundle(
-    cfgs: Sequence[TrainConfig],
-    train_set: ImageSet,
-    eval_sets: Mapping[str, ImageSet] | None = None,
-    *,
-    on_eval: BundleCallback | None = None,
-    resume: Sequence[dict[str, Any] | None] | None = None,
-    progress: bool = False,
-) -> list[TrainResult]:
-    """`_train_bundle` under `train`'s settings: IEEE float32 convolutions, and the deterministic algorithms
-    when a config asks for them."""
-    cfgs = list(cfgs)
-    with algorithms(any(c.deterministic for c in cfgs)), ieee_float32():
-        return _train_bundle(cfgs, train_set, eval_sets, on_eval=on_eval, resume=resume, progress=progress)
+    def __len__(self) -> int:
+        return len(self.stack)
 
+    def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.stack.step(images_uint8, labels, idx)
 
-def _train_bundle(
-    cfgs: Sequence[TrainConfig],
-    train_set: ImageSet,
-    eval_sets: Mapping[str, ImageSet] | None = None,
-    *,
-    on_eval: BundleCallback | None = None,
-    resume: Sequence[dict[str, Any] | None] | None = None,
-    progress: bool = False,
-) -> list[TrainResult]:
-    """Train one model per config on `train_set` in one fused step; one `TrainResult` per config, in order.
+    def logits(self, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
+        return self.stack.logits(images_uint8, batch_size)
 
-    Each result is what `train(cfgs[k], train_set, eval_sets)` returns, up to floating-point reassociation:
-    the same evaluation points, metrics, history and final weights. `on_eval(k, record, snapshot)` is
-    called for every model at every evaluation point; `snapshot()` returns model k's state in `train`'s
-    format, and returning True stops model k alone. `resume` holds one state (or None: from scratch) per
-    config; all must stand at the same step. A model whose training loss or logits are not finite at an
-    evaluation point ends there with `diverged` set on its record and result (its record then holds the
-    training loss and the sets whose logits are finite); the others go on.
-    """
-    cfgs = list(cfgs)
-    check_bundle(cfgs)
-    for cfg in cfgs:
-        cfg.validate()
-    first = cfgs[0]
-    n_models = len(cfgs)
-    eval_sets = dict(eval_sets or {})
-    if "train" in eval_sets:
-        raise ValueError("'train' is reserved for the training loss; name the evaluation set otherwise")
-    if len(train_set) == 0 or len(np.unique(train_set.labels)) < 2:
-        raise ValueError(f"training set {train_set.name!r} must hold both REAL and FAKE images")
-    resume = [None] * n_models if resume is None else list(resume)
-    if len(resume) != n_models:
-        raise ValueError(f"resume holds {len(resume)} states for {n_models} configs; give one (or None) per config")
-    device = resolve_device(first.device)
+    def module(self, row: int) -> nn.Module:
+        """Row `row`'s weights and BatchNorm statistics, loaded into its own module."""
+        self.models[row].load_state_dict(self.stack.state_dict(row))
+        return self.models[row]
 
-    schedules = [BatchSchedule(len(train_set), c.batch_size, c.shuffle, c.seed) for c in cfgs]
-    spe = schedules[0].steps_per_epoch
-    n_total = total_steps(first, spe)
-    points = eval_steps(first, spe)
-
-    models = [build_initial(cfg, device) for cfg in cfgs]
-    momentum_buffers, histories, starts = [], [], []
-    for cfg, model, state in zip(cfgs, models, resume):
-        buffer = torch.zeros_like(flatten_parameters(model))
-        if state is not None:
-            _check_resumable(state, cfg)
-            optimizer = sgd_for(model, cfg)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            saved = [optimizer.state[p].get("momentum_buffer") for p in model.parameters()]
-            if all(b is not None for b in saved):
-                buffer = torch.cat([b.reshape(-1) for b in saved])
-        momentum_buffers.append(buffer)
-        histories.append([] if state is None else list(state["history"]))
-        starts.append(0 if state is None else int(state["step"]))
-    if len(set(starts)) > 1:
-        raise ValueError(f"cannot bundle resumed models at different steps {starts}; resume them at one step")
-    step = starts[0]
-    points = [p for p in points if p > step]
-
-    stack = StackedModels(models, momentum_buffers, [c.lr for c in cfgs], [c.momentum for c in cfgs])
-    members = list(range(n_models))  # the config index of each row of the stack
-    ended_at = [step] * n_models
-    ended_momentum: dict[int, list[torch.Tensor]] = {}
-    stopped_early = [False] * n_models
-    diverged = [False] * n_models
-
-    images = uint8_tensor(train_set.images).to(device)  # uint8 once, shared by all models
-    labels = torch.from_numpy(np.asarray(train_set.labels, dtype=np.float32)).to(device)
-    eval_images = {k: uint8_tensor(s.images).to(device) for k, s in eval_sets.items()}
-
-    def finish(k: int, row: int) -> None:
-        """Model k ends now: its weights go into its own module, its momentum is kept for snapshots."""
-        models[k].load_state_dict(stack.state_dict(row))
-        ended_momentum[k] = [t.clone() for t in stack.momentum_rows(row)]
-        ended_at[k] = step
-
-    def snapshot(k: int) -> dict[str, Any]:
-        live = k in members
-        if live:
-            models[k].load_state_dict(stack.state_dict(members.index(k)))
-        cfg, model = cfgs[k], models[k]
-        optimizer = sgd_for(model, cfg)
-        if cfg.momentum != 0:  # torch.optim.SGD keeps a buffer only when momentum is on
-            rows = stack.momentum_rows(members.index(k)) if live else ended_momentum[k]
-            for p, b in zip(model.parameters(), rows):
+    def optimizer(self, row: int) -> torch.optim.SGD:
+        """Row `row`'s momentum as the state of its own `torch.optim.SGD` (over `module(row)`'s parameters)."""
+        optimizer = self.optimizers[row]
+        if optimizer.param_groups[0]["momentum"] != 0:  # torch.optim.SGD keeps a buffer only when momentum is on
+            for p, b in zip(self.models[row].parameters(), self.stack.momentum_rows(row)):
                 optimizer.state[p]["momentum_buffer"] = b.clone()
-        return {
-            "format": STATE_FORMAT,
-            "config": cfg.to_dict(),
-            "step": step if live else ended_at[k],
-            "model": {name: v.detach().cpu().clone() for name, v in model.state_dict().items()},
-            "optimizer": _cpu_copy(optimizer.state_dict()),
-            "history": list(histories[k]),
-        }
+        return optimizer
 
-    started = time.perf_counter()
-    loss_sum = torch.zeros(n_models, device=device)
-    loss_steps = 0
-    desc = f"train bundle of {n_models} {first.srm}"
-    bar = tqdm(total=n_total, initial=step, unit="step", desc=desc, disable=not progress)
-    epoch_index, order, offsets = -1, None, []
-    while points and members:
-        if step // spe != epoch_index:
-            epoch_index = step // spe
-            order, offsets = epoch_order([schedules[k] for k in members], epoch_index, device)
-        s = step % spe
-        loss_sum += stack.step(images, labels, order[:, offsets[s] : offsets[s + 1]])
-        loss_steps += 1
-        step += 1
-        bar.update(1)
-        if step != points[0]:
-            continue
-        points.pop(0)
-        # the one read-back per evaluation point: losses and every set's logits for all models
-        train_loss = loss_sum.cpu().numpy()
-        logits = {name: stack.logits(eval_images[name], first.eval_batch_size) for name in eval_sets}
-        ending = []
-        for row, k in enumerate(members):
-            model_logits = {name: logits[name][row] for name in eval_sets}
-            finite = {name: bool(np.isfinite(v).all()) for name, v in model_logits.items()}
-            # as `train`: the float32 sum of the interval's batch losses, divided in double precision
-            metrics = {"train": {"loss": float(train_loss[row]) / loss_steps}}
-            for name, image_set in eval_sets.items():
-                if finite[name]:
-                    metrics[name] = score_logits(image_set, model_logits[name])
-            record = EvalRecord(epoch=step / spe, step=step, metrics=metrics, elapsed_s=time.perf_counter() - started,
-                                logits=model_logits)
-            # `diverged` is set as an attribute so that this holds whether or not EvalRecord declares the field
-            record.diverged = not (math.isfinite(metrics["train"]["loss"]) and all(finite.values()))
-            histories[k].append(record.to_dict())
-            stop = on_eval is not None and on_eval(k, record, lambda k=k: snapshot(k))
-            if record.diverged:
-                diverged[k] = True
-                ending.append(row)
-            elif stop:
-                stopped_early[k] = bool(points)
-                ending.append(row)
-        for row in ending:
-            finish(members[row], row)
-        if ending:
-            keep = [row for row in range(len(members)) if row not in ending]
-            members = [members[row] for row in keep]
-            if members:
-                stack.keep(keep)
-                loss_sum = loss_sum[torch.tensor(keep, device=device)]
-                order = order[torch.tensor(keep, device=device)]
-        loss_sum.zero_()
-        loss_steps = 0
-    bar.close()
-    for row, k in enumerate(members):
-        finish(k, row)
-    results = []
-    for k, cfg in enumerate(cfgs):
-        models[k].eval()
-        result = TrainResult(cfg, models[k], histories[k], spe, stopped_early[k])
-        result.diverged = diverged[k]  # as on the record: works whether or not TrainResult declares the field
-        results.append(result)
-    return results
+    def keep(self, rows: Sequence[int]) -> None:
+        self.stack.keep(rows)
+        self.models = [self.models[r] for r in rows]
+        self.optimizers = [self.optimizers[r] for r in rows]

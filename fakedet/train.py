@@ -1,4 +1,11 @@
-"""The one training function. The CLI, sweeps, notebooks, benchmarks and tests all call `train`.
+"""The one training loop. The CLI, notebooks, benchmarks and tests call `train` (one model); sweeps and
+bundles call `train_models` (K >= 1 models), which `train` is with one config.
+
+The loop is the same for every K; only its stepper differs: one model steps as a plain module with
+`torch.optim.SGD` (`ModuleStepper`), several as one vmapped stack (`fakedet.bundle.StackedStepper`).
+Input checks, initialisation, resume, batch order, evaluation records, snapshots (`STATE_FORMAT`), the
+float32 and deterministic settings and the result are shared, so a bundled model's state resumes alone
+and a solo state resumes inside a bundle.
 
 Data arrive as `ImageSet`s (uint8 N×32×32×3). They are put on the device once as uint8 and batched
 there (no DataLoader: at 32×32 the per-batch Python of a DataLoader costs more than the model); each
@@ -13,9 +20,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +30,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fakedet.arrays import ImageSet
+from fakedet.bundle import StackedStepper, check_bundle
 from fakedet.config import TrainConfig
 from fakedet.metrics import score_logits
 from fakedet.models import build_model
@@ -85,8 +93,10 @@ class TrainResult:
         return self.history[-1]
 
 
-# A callback gets the record and a function returning a resumable state; returning True stops training.
+# `train`'s callback gets the record and a function returning a resumable state; returning True stops training.
 EvalCallback = Callable[[EvalRecord, Callable[[], dict[str, Any]]], "bool | None"]
+# `train_bundle`'s gets the model's index too; returning True stops that model alone.
+BundleCallback = Callable[[int, EvalRecord, Callable[[], dict[str, Any]]], "bool | None"]
 
 
 class BatchSchedule:
@@ -137,10 +147,121 @@ def evaluate(
     are then `{nonfinite: count, n: size}`.
     """
     logits = predict_logits(model, image_set.images if images is None else images, batch_size, device)
+    return score(image_set, logits), logits
+
+
+def score(image_set: ImageSet, logits: np.ndarray) -> dict[str, float]:
+    """One model's metrics on one set; `{nonfinite: count, n: size}` where its logits are not all finite."""
     nonfinite = int(np.count_nonzero(~np.isfinite(logits)))
     if nonfinite:
-        return {"nonfinite": nonfinite, "n": len(logits)}, logits
-    return score_logits(image_set, logits), logits
+        return {"nonfinite": nonfinite, "n": len(logits)}
+    return score_logits(image_set, logits)
+
+
+def build_initial(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The model a run starts from: built under the config's seed without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.arch, cfg.srm).to(device)
+
+
+def sgd_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """The run's optimizer; its state dict is the `optimizer` of a snapshot."""
+    # foreach: one multi-tensor update for the ten parameter tensors instead of a Python loop over them
+    # (torch's default on the CPU); the same arithmetic, about 4% of a CPU step saved
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+
+
+def epoch_order(schedules: Sequence[BatchSchedule], epoch: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Every model's batches of `epoch` as one (K, items) index tensor on the device, and the step offsets.
+
+    All models share the number of items and the batch size, so step s is columns offsets[s]:offsets[s+1]
+    for every model (`full` mode's last, shorter batch included). One copy per epoch, which never makes the
+    host wait (`to_device`).
+    """
+    batches = [s.epoch(epoch) for s in schedules]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in batches[0]])]).tolist()
+    return to_device(np.stack([np.concatenate(b) for b in batches]).astype(np.int64), device), offsets
+
+
+class Stepper(Protocol):
+    """How the loop advances its K live models (rows, in the order of the loop's live models).
+
+    `ModuleStepper` (K = 1) runs the plain module and `torch.optim.SGD`; `fakedet.bundle.StackedStepper`
+    (K > 1) runs all rows as one vmapped model. Neither waits for the device in `step`.
+    """
+
+    def __len__(self) -> int: ...
+
+    def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One SGD step of every row on its batch (row k of `idx`, (K, B), indexes `images_uint8` and
+        `labels`); the batch losses (K,), on the device."""
+        ...
+
+    def logits(self, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
+        """Logits (K, N) of every row in eval mode on uint8 images already on the device."""
+        ...
+
+    def module(self, row: int) -> nn.Module:
+        """Row `row`'s current weights in a module of the architecture."""
+        ...
+
+    def optimizer(self, row: int) -> torch.optim.SGD:
+        """Row `row`'s current optimizer state, as `torch.optim.SGD` over `module(row)`'s parameters."""
+        ...
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Drop every row not in `rows` (nonempty, in that order)."""
+        ...
+
+
+class ModuleStepper:
+    """The stepper for one model: its own module and `torch.optim.SGD`, as the reference trains."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, device: torch.device) -> None:
+        self.model, self._optimizer, self.device = model, optimizer, device
+        self.criterion = nn.BCEWithLogitsLoss()  # the reference's sigmoid + BCELoss, in the numerically stable form
+        self.model.train()
+
+    def __len__(self) -> int:
+        return 1
+
+    def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx[0]
+        loss = self.criterion(self.model(preprocess(images_uint8[idx])), labels[idx])
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._optimizer.step()
+        return loss.detach().reshape(1)
+
+    def logits(self, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
+        return predict_logits(self.model, images_uint8, batch_size, self.device)[None]
+
+    def module(self, row: int) -> nn.Module:
+        return self.model
+
+    def optimizer(self, row: int) -> torch.optim.SGD:
+        return self._optimizer
+
+    def keep(self, rows: Sequence[int]) -> None:
+        if list(rows) != [0]:
+            raise ValueError(f"a one-model stepper keeps its one row, not {list(rows)}")
+
+
+@dataclass
+class ModelEval:
+    """One live model at one evaluation point, as the loop's callback gets it."""
+
+    index: int
+    """The model's index in the configs given to `train_models`."""
+    record: EvalRecord
+    snapshot: Callable[[], dict[str, Any]]
+    """Returns the model's resumable state here (`STATE_FORMAT`): `resume` takes it, alone or in a bundle."""
+
+
+# The loop's callback: every live model's record at one evaluation point (diverged ones included, for
+# the last time), in index order; it returns the indices of the models to stop (or None: none).
+PointCallback = Callable[[list[ModelEval]], "Collection[int] | None"]
 
 
 def train(
@@ -161,114 +282,204 @@ def train(
     A run whose training loss or logits stop being finite ends at the evaluation point that sees it:
     the record there (and the result) says `diverged`, and the callback still gets it. Finiteness is
     read at evaluation points only, where the host waits for the GPU anyway; the training steps never
-    make it wait (they may run under `torch.cuda.set_sync_debug_mode("error")`).
+    make it wait (they may run under `torch.cuda.set_sync_debug_mode("error")`). This is `train_models`
+    with one config (its plain-module stepper).
     """
-    cfg.validate()
+
+    def on_point(evals: list[ModelEval]) -> set[int] | None:
+        (e,) = evals
+        return {0} if on_eval is not None and on_eval(e.record, e.snapshot) else None
+
+    (result,) = train_models([cfg], train_set, eval_sets, on_eval=on_point, resume=[resume], progress=progress)
+    return result
+
+
+def train_bundle(
+    cfgs: Sequence[TrainConfig],
+    train_set: ImageSet,
+    eval_sets: Mapping[str, ImageSet] | None = None,
+    *,
+    on_eval: BundleCallback | None = None,
+    resume: Sequence[dict[str, Any] | None] | None = None,
+    progress: bool = False,
+) -> list[TrainResult]:
+    """`train_models` with a callback per model: `on_eval(k, record, snapshot)` for each live model k at each
+    evaluation point, in index order; returning True stops model k alone."""
+
+    def on_point(evals: list[ModelEval]) -> set[int]:
+        return {e.index for e in evals if on_eval is not None and on_eval(e.index, e.record, e.snapshot)}
+
+    return train_models(cfgs, train_set, eval_sets, on_eval=on_point, resume=resume, progress=progress)
+
+
+def train_models(
+    cfgs: Sequence[TrainConfig],
+    train_set: ImageSet,
+    eval_sets: Mapping[str, ImageSet] | None = None,
+    *,
+    on_eval: PointCallback | None = None,
+    resume: Sequence[dict[str, Any] | None] | None = None,
+    progress: bool = False,
+) -> list[TrainResult]:
+    """Train one model per config (K >= 1) on `train_set`; one `TrainResult` per config, in order.
+
+    The configs must share `fakedet.bundle.SHARED_FIELDS`. One model steps as a plain module
+    (`ModuleStepper`); several step together (`fakedet.bundle.StackedStepper`) and each result is what
+    `train(cfgs[k], ...)` gives, up to floating-point reassociation. At every evaluation point `on_eval`
+    gets every live model's `ModelEval`, and the models whose indices it returns stop. A model whose
+    training loss or logits are not finite ends there as diverged; a stopped or diverged model leaves the
+    stepper and the others go on. `resume` holds one state (or None: from scratch) per config, all at one
+    step. The whole run, both steppers alike, runs under `algorithms(deterministic)`, `ieee_float32()`
+    and, around setup and evaluation points only, `host_sync_allowed`.
+    """
+    cfgs = list(cfgs)
+    check_bundle(cfgs)
+    for cfg in cfgs:
+        cfg.validate()
     eval_sets = dict(eval_sets or {})
     if "train" in eval_sets:
         raise ValueError("'train' is reserved for the training loss; name the evaluation set otherwise")
     if len(train_set) == 0 or len(np.unique(train_set.labels)) < 2:
         raise ValueError(f"training set {train_set.name!r} must hold both REAL and FAKE images")
-    device = resolve_device(cfg.device)
-    with algorithms(cfg.deterministic), ieee_float32():
-        return _train(cfg, train_set, eval_sets, device, on_eval, resume, progress)
+    resume = [None] * len(cfgs) if resume is None else list(resume)
+    if len(resume) != len(cfgs):
+        raise ValueError(f"resume holds {len(resume)} states for {len(cfgs)} configs; give one (or None) per config")
+    device = resolve_device(cfgs[0].device)
+    with algorithms(cfgs[0].deterministic), ieee_float32():
+        return _train(cfgs, train_set, eval_sets, device, on_eval, resume, progress)
 
 
 def _train(
-    cfg: TrainConfig,
+    cfgs: list[TrainConfig],
     train_set: ImageSet,
     eval_sets: dict[str, ImageSet],
     device: torch.device,
-    on_eval: EvalCallback | None,
-    resume: dict[str, Any] | None,
+    on_eval: PointCallback | None,
+    resume: list[dict[str, Any] | None],
     progress: bool,
-) -> TrainResult:
-    schedule = BatchSchedule(len(train_set), cfg.batch_size, cfg.shuffle, cfg.seed)
-    spe = schedule.steps_per_epoch
-    n_total = total_steps(cfg, spe)
-    points = eval_steps(cfg, spe)
+) -> list[TrainResult]:
+    first, n_models = cfgs[0], len(cfgs)
+    schedules = [BatchSchedule(len(train_set), c.batch_size, c.shuffle, c.seed) for c in cfgs]
+    spe = schedules[0].steps_per_epoch
+    n_total = total_steps(first, spe)
+    points = eval_steps(first, spe)
 
     with host_sync_allowed(device):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = build_model(cfg.arch, cfg.srm).to(device)
-        # foreach: one multi-tensor update for the ten parameter tensors instead of a Python loop over them
-        # (torch's default on the CPU); the same arithmetic, about 4% of a CPU step saved
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-        criterion = nn.BCEWithLogitsLoss()  # the reference's sigmoid + BCELoss, in the numerically stable form
-
-        step, history = 0, []
-        if resume is not None:
-            _check_resumable(resume, cfg)
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            step, history = int(resume["step"]), list(resume["history"])
+        models = [build_initial(cfg, device) for cfg in cfgs]
+        optimizers = [sgd_for(model, cfg) for model, cfg in zip(models, cfgs)]
+        histories: list[list[dict[str, Any]]] = [[] for _ in cfgs]
+        starts = [0] * n_models
+        for k, state in enumerate(resume):
+            if state is not None:
+                _check_resumable(state, cfgs[k])
+                models[k].load_state_dict(state["model"])
+                optimizers[k].load_state_dict(state["optimizer"])
+                starts[k], histories[k] = int(state["step"]), list(state["history"])
+        if len(set(starts)) > 1:
+            raise ValueError(f"cannot bundle resumed models at different steps {starts}; resume them at one step")
+        step = starts[0]
         points = [p for p in points if p > step]
+        stepper: Stepper = (ModuleStepper(models[0], optimizers[0], device) if n_models == 1
+                            else StackedStepper(models, optimizers))
 
         # Every set goes to the device once, as uint8 (1 byte a value: 276 MB for CIFAKE's 90k training
-        # images, not the 1.1 GB of a float32 copy); each step gathers its batch and normalises it there.
+        # images, not the 1.1 GB of a float32 copy), shared by all models; each step gathers its batches
+        # and normalises them there.
         images = uint8_tensor(train_set.images).to(device)
         labels = torch.from_numpy(np.asarray(train_set.labels, dtype=np.float32)).to(device)
         eval_images = {k: uint8_tensor(s.images).to(device) for k, s in eval_sets.items()}
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros(n_models, device=device)
 
-    def snapshot() -> dict[str, Any]:
+    live = list(range(n_models))  # the config index of each row of the stepper
+    ended: dict[int, tuple[nn.Module, dict[str, Any], int]] = {}  # model, optimizer state, step at its end
+    stopped_early, diverged = [False] * n_models, [False] * n_models
+
+    def state_of(k: int, model: nn.Module, optimizer_state: dict[str, Any], at: int) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
-            "config": cfg.to_dict(),
-            "step": step,
-            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "optimizer": _cpu_copy(optimizer.state_dict()),
-            "history": list(history),
+            "config": cfgs[k].to_dict(),
+            "step": at,
+            "model": {name: v.detach().cpu().clone() for name, v in model.state_dict().items()},
+            "optimizer": optimizer_state,
+            "history": list(histories[k]),
         }
 
-    def evaluation_point() -> EvalRecord:
-        # the one place the host reads training values back: the mean loss and the logits
-        train_loss = float(loss_sum) / loss_steps
-        diverged = not math.isfinite(train_loss)
-        metrics, logits = {"train": {"loss": train_loss}}, {}
-        for name, image_set in eval_sets.items():
-            metrics[name], logits[name] = evaluate(model, image_set, device, cfg.eval_batch_size, eval_images[name])
-            diverged = diverged or not np.isfinite(logits[name]).all()
-        return EvalRecord(step / spe, step, metrics, time.perf_counter() - started, diverged, logits)
+    def snapshot(k: int) -> dict[str, Any]:
+        if k in ended:
+            return state_of(k, *ended[k])
+        row = live.index(k)
+        model = stepper.module(row)
+        return state_of(k, model, _cpu_copy(stepper.optimizer(row).state_dict()), step)
 
-    model.train()
+    def end(rows: list[int]) -> None:
+        """The models of these rows end now: their weights and optimizer state leave the stepper."""
+        for row in rows:
+            model = stepper.module(row)
+            ended[live[row]] = (model, _cpu_copy(stepper.optimizer(row).state_dict()), step)
+
+    def evaluation_point() -> list[ModelEval]:
+        # the one read-back per evaluation point: every model's mean loss and logits
+        train_loss = loss_sum.cpu().numpy()
+        logits = {name: stepper.logits(eval_images[name], first.eval_batch_size) for name in eval_sets}
+        evals = []
+        for row, k in enumerate(live):
+            # the float32 sum of the interval's batch losses, divided in double precision
+            metrics = {"train": {"loss": float(train_loss[row]) / loss_steps}}
+            model_logits = {name: logits[name][row] for name in eval_sets}
+            for name, image_set in eval_sets.items():
+                metrics[name] = score(image_set, model_logits[name])
+            blown = not math.isfinite(metrics["train"]["loss"]) or not all(
+                np.isfinite(v).all() for v in model_logits.values())
+            record = EvalRecord(step / spe, step, metrics, time.perf_counter() - started, blown, model_logits)
+            histories[k].append(record.to_dict())
+            evals.append(ModelEval(k, record, lambda k=k: snapshot(k)))
+        return evals
+
     started = time.perf_counter()
     loss_steps = 0
-    stopped_early = diverged = False
-    bar = tqdm(total=n_total, initial=step, unit="step", desc=f"train {cfg.srm} lr={cfg.lr:g}", disable=not progress)
-    epoch_index, order = -1, None
-    while points:
+    desc = f"train {first.srm} lr={first.lr:g}" if n_models == 1 else f"train bundle of {n_models} {first.srm}"
+    bar = tqdm(total=n_total, initial=step, unit="step", desc=desc, disable=not progress)
+    epoch_index, order, offsets = -1, None, []
+    while points and live:
         if step // spe != epoch_index:
             epoch_index = step // spe
-            # the epoch's batches, row indices end to end (batch k is rows k*batch_size onwards)
-            order = to_device(np.concatenate(schedule.epoch(epoch_index)), device)
-        start = (step % spe) * cfg.batch_size
-        idx = order[start : start + cfg.batch_size]
-        loss = criterion(model(preprocess(images[idx])), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach()
+            order, offsets = epoch_order([schedules[k] for k in live], epoch_index, device)
+        s = step % spe
+        loss_sum += stepper.step(images, labels, order[:, offsets[s] : offsets[s + 1]])
         loss_steps += 1
         step += 1
         bar.update(1)
-        if step == points[0]:
-            points.pop(0)
-            with host_sync_allowed(device):
-                record = evaluation_point()
-                history.append(record.to_dict())
-                loss_sum.zero_()
-                loss_steps = 0
-                diverged = record.diverged
-                if on_eval is not None and on_eval(record, snapshot) and points:
-                    stopped_early = not diverged
-                    break
-                if diverged:
-                    break
+        if step != points[0]:
+            continue
+        points.pop(0)
+        with host_sync_allowed(device):
+            evals = evaluation_point()
+            stop = set(on_eval(evals) or ()) if on_eval is not None else set()
+            ending = []
+            for row, e in enumerate(evals):
+                if e.record.diverged:
+                    diverged[e.index] = True
+                    ending.append(row)
+                elif e.index in stop and points:  # a stop at the last point is no early stop
+                    stopped_early[e.index] = True
+                    ending.append(row)
+            end(ending)
+            keep = [row for row in range(len(live)) if row not in ending]
+            live = [live[row] for row in keep]
+            if ending and live:
+                stepper.keep(keep)
+                index = torch.tensor(keep, device=device)
+                loss_sum, order = loss_sum[index], order[index]
+            loss_sum.zero_()
+            loss_steps = 0
     bar.close()
-    model.eval()
-    return TrainResult(cfg, model, history, spe, stopped_early, diverged)
+    end(list(range(len(live))))
+    results = []
+    for k, cfg in enumerate(cfgs):
+        model = ended[k][0]
+        model.eval()
+        results.append(TrainResult(cfg, model, histories[k], spe, stopped_early[k], diverged[k]))
+    return results
 
 
 def _cpu_copy(obj: Any) -> Any:

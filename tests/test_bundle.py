@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fakedet.bundle import StackedModels, build_initial, epoch_order, train_bundle
+from fakedet.bundle import SHARED_FIELDS, StackedModels, StackedStepper, bundle_key
 from fakedet.config import TrainConfig
-from fakedet.train import BatchSchedule, train
+from fakedet.train import BatchSchedule, ModuleStepper, build_initial, epoch_order, train, train_bundle, train_models
 
 # Bundled and solo runs differ by float32 reassociation only (a grouped convolution and batched matrix
 # products sum in another order than the solo kernels). Over these runs (20-30 steps) the largest
@@ -181,11 +181,49 @@ def test_a_diverging_model_ends_alone_and_the_others_go_on(toy):
         assert_same_history(train(cfgs[k], train_set, eval_sets).history, bundled[k].history)
 
 
+def test_a_diverged_models_sets_are_counted_not_scored_as_alone(toy):
+    train_set, eval_sets = data(toy)
+    cfgs = [small_cfg(**VARIED[0]), small_cfg(seed=5, lr=1e30)]
+    bundled = train_bundle(cfgs, train_set, eval_sets)
+    alone = train(cfgs[1], train_set, eval_sets)
+    metrics = bundled[1].history[-1]["metrics"]
+    assert bundled[1].diverged and alone.diverged
+    assert metrics.keys() == alone.history[-1]["metrics"].keys() == {"train", "cifake_test", "cifar100_test"}
+    for name, n in (("cifake_test", 64), ("cifar100_test", 24)):
+        assert metrics[name].keys() == {"nonfinite", "n"} and metrics[name]["n"] == n
+        assert metrics[name] == alone.history[-1]["metrics"][name]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_every_step_runs_in_float32_under_the_configs_algorithm_choice(toy, monkeypatch, k, deterministic):
+    stepper = ModuleStepper if k == 1 else StackedStepper
+    flags, original = [], stepper.step
+
+    def recording_step(self, *args):
+        flags.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                      torch.are_deterministic_algorithms_enabled()))
+        return original(self, *args)
+
+    monkeypatch.setattr(stepper, "step", recording_step)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default, which the loop turns off
+    cfgs = [small_cfg(deterministic=deterministic, **v) for v in VARIED[:k]]
+    train_models(cfgs, toy(160, 0), {"cifake_test": toy(32, 1, "cifake_test")})
+    assert flags == [(False, False, deterministic)] * 20
+    assert torch.backends.cudnn.allow_tf32  # restored
+
+
+def test_bundle_key_is_the_shared_fields():
+    a, b = small_cfg(seed=1, lr=1e-3), small_cfg(seed=2, lr=1e-2, momentum=0.5)
+    assert bundle_key(a) == bundle_key(b) == tuple(getattr(a, f) for f in SHARED_FIELDS)
+    assert bundle_key(small_cfg(srm="pool1")) != bundle_key(a)
+
+
 @pytest.mark.parametrize(
     "other, message",
     [({"srm": "pool1"}, "differ in 'srm'"), ({"batch_size": 8}, "differ in 'batch_size'"),
      ({"epochs": 1, "eval_at": ()}, "differ in 'epochs'"), ({"eval_at": (1,)}, "differ in 'eval_at'"),
-     ({"shuffle": "full"}, "differ in 'shuffle'")],
+     ({"shuffle": "full"}, "differ in 'shuffle'"), ({"deterministic": True}, "differ in 'deterministic'")],
 )
 def test_configs_that_cannot_share_a_bundle_are_refused(toy, other, message):
     with pytest.raises(ValueError, match=message):
@@ -242,23 +280,9 @@ def test_gpu_steps_never_wait_for_the_device(toy):
 def test_gpu_bundle_equals_each_model_trained_alone(toy):
     train_set, eval_sets = data(toy)
     cfgs = [small_cfg(device="cuda", srm="pool1", **v) for v in VARIED]
-    bundled = train_bundle(cfgs, train_set, eval_sets)  # both sides in IEEE float32 (`ieee_float32`)
+    # no TF32 to switch off by hand: the one loop runs both steppers in IEEE float32
+    bundled = train_bundle(cfgs, train_set, eval_sets)
     for cfg, b in zip(cfgs, bundled):
         alone = train(cfg, train_set, eval_sets)
         assert_same_history(alone.history, b.history, atol=1e-4)
         assert_same_state(alone.model.state_dict(), b.model.state_dict(), atol=1e-4)
-
-
-def test_every_bundled_step_runs_in_float32_and_deterministic(toy, monkeypatch):
-    # the CPU dry run of the GPU path: TF32 on outside, off inside at every step; deterministic as asked
-    seen, step = [], StackedModels.step
-
-    def recording(self, *args):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-                     torch.are_deterministic_algorithms_enabled()))
-        return step(self, *args)
-
-    monkeypatch.setattr(StackedModels, "step", recording)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    train_bundle([small_cfg(deterministic=True, **v) for v in VARIED[:2]], toy(160, 0))
-    assert len(seen) == 20 and set(seen) == {(False, False, True)}

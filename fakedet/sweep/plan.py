@@ -11,6 +11,7 @@ from typing import Any
 
 from ray import tune
 
+from fakedet.bundle import bundle_key
 from fakedet.sweep.spec import TRIAL_KEY, FaultInjection, Trajectory, TrialSpec
 from fakedet.sweep.study import HpoFile, Study, StudyError
 
@@ -44,15 +45,13 @@ class SweepPlan:
         return first.trajectories[0].cell_epochs
 
     def bundled(self, k: int) -> "SweepPlan":
-        """The grid's trajectories in trials of up to `k`: those that can share one fused step (same
-        architecture, placement, batch size, shuffle, length and evaluation points) are chunked together."""
+        """The grid's trajectories in trials of up to `k`: those that can share one fused step (`fakedet.bundle.bundle_key`) are chunked together."""
         if not self.trials or k == 1:
             return self
         groups: dict[tuple, list[Trajectory]] = {}
         for spec in self.trials:
             for t in spec.trajectories:
-                c = t.config
-                groups.setdefault((c.arch, c.srm, c.batch_size, c.shuffle, c.epochs, c.eval_at, c.device), []).append(t)
+                groups.setdefault(bundle_key(t.config), []).append(t)
         faults = self.trials[0].faults
         trials = tuple(TrialSpec(tuple(ts[i:i + k]), faults=faults) for ts in groups.values() for i in range(0, len(ts), k))
         return replace(self, trials=trials, param_space={TRIAL_KEY: tune.grid_search(list(trials))}, total_trials=len(trials))

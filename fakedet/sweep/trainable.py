@@ -1,5 +1,5 @@
-"""The Ray Tune trainable: a thin adapter that runs `fakedet.train.train` on a `TrialSpec` and reports
-every evaluation point.
+"""The Ray Tune trainable: a thin adapter that runs `fakedet.train.train_models` on a `TrialSpec` (one
+model or a bundle, one call either way) and reports every evaluation point.
 
 Each report carries a checkpoint (the resumable training state), so a crashed trial is retried from its
 last evaluation point. At a cell's epoch count the checkpoint also holds that cell's artifacts
@@ -25,8 +25,7 @@ from fakedet.config import TrainConfig
 from fakedet.metrics import best_worst_classes, confusion, per_class_recall, plot_threshold_curves, threshold_table
 from fakedet.models import save_checkpoint
 from fakedet.sweep.spec import CELL_ARTIFACTS, Cell, TrialSpec, fmt_epochs, resolve_trial
-from fakedet.bundle import train_bundle
-from fakedet.train import BatchSchedule, EvalRecord, total_steps, train
+from fakedet.train import BatchSchedule, EvalRecord, ModelEval, total_steps, train_models
 
 STATE_FILE = "state.pt"
 # Evaluation sets at every point: CIFAKE test (intrinsic) and validation, CIFAR-100 test (and its JPEG
@@ -37,9 +36,9 @@ SWEEP_EVAL_SETS = ("cifake_val", "cifake_test", "cifar100_test", "agiri_val", "a
 def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: TrialSpec | None = None) -> None:
     """Ray Tune function trainable. `splits` and `template` (HPO) arrive through `tune.with_parameters` (object store).
 
-    One trajectory trains with `fakedet.train.train`; several (a bundle) with `fakedet.bundle.train_bundle`,
-    one fused step for all. Every evaluation point of every trajectory is one report (`trajectory`: its
-    index in the spec); the last report of a point carries the checkpoint with every model's state.
+    The trajectories train in one `fakedet.train.train_models` call (one fused step for all where there are
+    several). Every evaluation point of every trajectory is one report (`trajectory`: its index in the
+    spec); the last report of a point carries the checkpoint with every model's state.
     """
     spec = resolve_trial(config, template)
     # the Ray node this trial runs on: nodes of one host share an IP, not an id
@@ -61,20 +60,20 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
         if state is not None and spec.objective is not None:
             for rec in state["history"]:
                 best[k] = _better(spec, best[k], rec)
-    pending: dict[int, tuple[EvalRecord, dict]] = {}  # this evaluation point's reports, by trajectory
+    live = [i for i in range(len(cfgs)) if not diverged[i]]
+    if not live:  # resumed after every model had ended as diverged: nothing left to train
+        return
 
-    def on_eval(k: int, record: EvalRecord, snapshot) -> None:
-        state = snapshot()
-        states[k] = state
-        diverged[k] = diverged[k] or record.diverged
-        pending[k] = (record, state)
-        active = [i for i in range(len(cfgs)) if not diverged[i] or i in pending]
-        if k != max(active):
-            return  # the checkpoint goes with the point's last report, holding every model's state
+    def on_point(evals: list[ModelEval]) -> None:
+        # the checkpoint, with the point's last report, holds every model's state (an ended one's as it ended)
+        indexed = [(live[e.index], e.record, e.snapshot()) for e in evals]
+        for i, record, state in indexed:
+            states[i] = state
+            diverged[i] = diverged[i] or record.diverged
         with tempfile.TemporaryDirectory(prefix="fakedet-ckpt-") as d:
             torch.save({"states": states, "diverged": diverged}, Path(d) / STATE_FILE)
             reports = []
-            for i, (rec, st) in sorted(pending.items()):
+            for i, rec, st in indexed:
                 trajectory = spec.trajectories[i]
                 done = [c for c in trajectory.cells if _same_epoch(c.epochs, rec.epoch)]
                 if not rec.diverged:  # a diverged model's logits are not finite: no curves, no model to keep
@@ -90,20 +89,11 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
             for result in reports[:-1]:
                 tune.report(result)
             tune.report(reports[-1], checkpoint=tune.Checkpoint.from_directory(d))
-        pending.clear()
         if spec.faults is not None:
-            spec.faults.maybe_crash(record.step)
+            spec.faults.maybe_crash(evals[0].record.step)
 
-    live = [i for i in range(len(cfgs)) if not diverged[i]]
-    if not live:  # resumed after every model had ended as diverged: nothing left to train
-        return
-    if len(cfgs) == 1:
-        train(cfgs[0], train_set, eval_sets, on_eval=lambda record, snapshot: on_eval(0, record, snapshot), resume=states[0])
-        return
-    # a bundle: the models that have not diverged go on together (a diverged one has ended, as alone)
-    train_bundle([cfgs[i] for i in live], train_set, eval_sets,
-                 on_eval=lambda j, record, snapshot: on_eval(live[j], record, snapshot),
-                 resume=[states[i] for i in live])
+    # the models that have not diverged go on together (a diverged one has ended, as alone)
+    train_models([cfgs[i] for i in live], train_set, eval_sets, on_eval=on_point, resume=[states[i] for i in live])
 
 
 def _better(spec: TrialSpec, best: tuple[float, float] | None, record: dict) -> tuple[float, float] | None:
