@@ -2,8 +2,8 @@
 auth, a Ray head and a second Ray node (`ray start`, token auth), all on 127.0.0.1; the smoke ablation
 joined to them, signed in to MLflow as the sweeps' user.
 
-The same code as `python cluster/loopback.py`; cluster/loopback_cluster.py says how each part is
-started, cluster/supervise.py how its processes are found and stopped, cluster/loopback_checks.py what
+The same code as `python tools/loopback/loopback.py`; tools/loopback/loopback_cluster.py says how each part is
+started, tools/loopback/supervise.py how its processes are found and stopped, tools/loopback/loopback_checks.py what
 is checked. Skipped where PostgreSQL's server programs, psycopg2 or Flask-WTF (MLflow's basic-auth
 app) are missing; CI installs them.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "loopback"))
 from loopback_checks import loopback_check
 from loopback_cluster import HOST, LoopbackCluster, missing_requirements
 from supervise import alive

@@ -1,5 +1,5 @@
-"""The loopback cluster's parts that need no servers: process supervision (cluster/supervise.py) and the
-check on Ray's private code for ray-project/ray#59110 (cluster/ray_on_loopback.py). Seconds, Linux.
+"""The loopback cluster's parts that need no servers: process supervision (tools/loopback/supervise.py) and the
+check on Ray's private code for ray-project/ray#59110 (tools/loopback/ray_on_loopback.py). Seconds, Linux.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from types import ModuleType
 
 import pytest
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
-sys.path.insert(0, str(CLUSTER))
+LOOPBACK = Path(__file__).resolve().parents[1] / "tools" / "loopback"
+sys.path.insert(0, str(LOOPBACK))
 psutil = pytest.importorskip("psutil")
 from ray_on_loopback import ISSUE, PROBE, PatchError, patch
 from supervise import Proc, Supervisor, family, listening
@@ -115,7 +115,7 @@ def test_the_ray_59110_patch_fails_loudly_when_ray_changed(services, start, says
 
 def test_the_ray_59110_patch_applies_to_the_installed_ray():
     # the real `ray` command line through the patch: exit 0 only if every check in `patch` passed
-    r = subprocess.run([sys.executable, str(CLUSTER / "ray_on_loopback.py"), "--version"],
+    r = subprocess.run([sys.executable, str(LOOPBACK / "ray_on_loopback.py"), "--version"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert version("ray") in r.stdout

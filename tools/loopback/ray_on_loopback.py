@@ -12,7 +12,7 @@ head's address through the module (`services.canonicalize_bootstrap_address`) an
 patched, 127.0.0.1 stays 127.0.0.1; otherwise it exits 3 with a message naming ray#59110, instead of
 sending the node to the outward address without a word.
 
-    python cluster/ray_on_loopback.py start --address 127.0.0.1:PORT [ray start options]
+    python tools/loopback/ray_on_loopback.py start --address 127.0.0.1:PORT [ray start options]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def patch(services: ModuleType, start: Callable) -> None:
     why = f"the work-around for {ISSUE} (a second Ray node on 127.0.0.1) no longer applies to this Ray"
     if not callable(getattr(services, "resolve_ip_for_localhost", None)):
         raise PatchError(f"ray._private.services.resolve_ip_for_localhost is gone: {why}; "
-                         f"see whether {ISSUE} is fixed, and update cluster/ray_on_loopback.py")
+                         f"see whether {ISSUE} is fixed, and update tools/loopback/ray_on_loopback.py")
     try:
         source = inspect.getsource(inspect.unwrap(start))
     except (OSError, TypeError):

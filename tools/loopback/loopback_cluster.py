@@ -14,7 +14,7 @@
     outward IP, unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, Ray's switch for single-machine
     clusters: the head and the sweep's driver run with it. With 127.0.0.1 as its address, the head
     binds GCS, raylet and agents to 127.0.0.1 only.
-  - The second node starts through cluster/ray_on_loopback.py (ray-project/ray#59110), which fails
+  - The second node starts through tools/loopback/ray_on_loopback.py (ray-project/ray#59110), which fails
     loudly if its patch of Ray's private code no longer applies.
   - Every port is picked free and passed explicitly, and workers take theirs from the OS
     (`--min-worker-port 0 --max-worker-port 0`): the two nodes, and any other Ray on the machine, never
@@ -22,7 +22,7 @@
   - Token auth: `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN_PATH`, a mode-600 file holding a fresh
     256-bit token, for both nodes and the driver; `RAY_AUTH_TOKEN`, which would take precedence, is
     removed from their environment, and `~/.ray/auth_token` is neither read nor written.
-Processes are started, watched and stopped by cluster/supervise.py.
+Processes are started, watched and stopped by tools/loopback/supervise.py.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ from supervise import Proc, Service, Supervisor, follow, log_tail
 
 from fakedet.console import tagged
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "cluster"
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"  # the deployment this rehearses: its MLflow configuration and scripts
+HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
 PG_PROGRAMS = ("postgres", "initdb", "pg_isready", "createdb", "psql")
 MLFLOW_USER = "fakedet"  # the sweeps' non-admin MLflow user, as in the cloud recipes
@@ -333,8 +334,8 @@ class LoopbackCluster:
         self.node_ids["head"] = self._wait_ray_node(head)
         self.ray_address = f"{HOST}:{gcs}"
         # the second node: `ray start` refuses a worker node under the switch above, so it runs without
-        # it, through cluster/ray_on_loopback.py (ray-project/ray#59110)
-        worker = self._spawn("ray-worker", [sys.executable, str(CLUSTER / "ray_on_loopback.py"), "start",
+        # it, through tools/loopback/ray_on_loopback.py (ray-project/ray#59110)
+        worker = self._spawn("ray-worker", [sys.executable, str(HERE / "ray_on_loopback.py"), "start",
                                             "--address", self.ray_address, *common, *node_ports()],
                              self.token_env, cwd=self.root)
         self.ray_services["worker"] = worker

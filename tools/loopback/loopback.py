@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The cluster path, on one machine over 127.0.0.1, with the real parts.
 
-`python cluster/loopback.py` starts PostgreSQL, `mlflow server` on it with basic auth and proxied
+`python tools/loopback/loopback.py` starts PostgreSQL, `mlflow server` on it with basic auth and proxied
 artifacts, a Ray head and a second Ray node with `ray start` and token authentication; runs the smoke
 ablation joined to them (`--address`, `--tracking-uri http://127.0.0.1:PORT`, the sweeps' MLflow user
 in MLFLOW_TRACKING_USERNAME/PASSWORD); checks that the trials ran on both nodes and, through MLflow's
@@ -11,10 +11,10 @@ everything started listens on 127.0.0.1 only; then stops everything it started b
 that none of those processes is left, and exits 0 (all passed) or 1.
 
 The parts, one job each (tests/test_cluster_loopback.py runs the same code):
-- cluster/supervise.py: starting processes, finding all of theirs, stopping them by pid (psutil);
-- cluster/loopback_cluster.py: the cluster (`LoopbackCluster`), and what the machine must have;
-- cluster/ray_on_loopback.py: `ray start` for the second node (ray-project/ray#59110);
-- cluster/loopback_checks.py: the checks (`loopback_check`).
+- tools/loopback/supervise.py: starting processes, finding all of theirs, stopping them by pid (psutil);
+- tools/loopback/loopback_cluster.py: the cluster (`LoopbackCluster`), and what the machine must have;
+- tools/loopback/ray_on_loopback.py: `ray start` for the second node (ray-project/ray#59110);
+- tools/loopback/loopback_checks.py: the checks (`loopback_check`).
 """
 
 from __future__ import annotations
