@@ -59,6 +59,11 @@ from fakedet.train import (
 )
 
 SHARED_FIELDS = ("arch", "srm", "batch_size", "shuffle", "epochs", "eval_at", "device")
+
+
+def bundle_key(cfg: TrainConfig) -> tuple:
+    """What configs trained in one bundle must share: their values of `SHARED_FIELDS`."""
+    return tuple(getattr(cfg, name) for name in SHARED_FIELDS)
 """Config fields every model of a bundle must share: they fix the network's shape, the steps and the
 evaluation points, and the device. lr, momentum and seed may differ; eval_batch_size (no effect on
 results) is the first config's."""
