@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fakedet.config import default_cache_root
 from fakedet.console import say
+from fakedet.sweep.request import SweepRequest
+
+if TYPE_CHECKING:
+    from fakedet.sweep.study import Study
 
 
 def _number(text: str) -> int | float:
@@ -51,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="sweep name (default: <study>-<date>-<time>-<random>); names the Ray experiment and the MLflow parent run")
         p.add_argument("--resume", nargs="?", const="latest", metavar="NAME", help="continue an interrupted sweep (default: the latest)")
         p.add_argument("--allow-data-change", action="store_true", help="with --resume: continue although the prepared data's hash changed")
+        p.add_argument("--adopt-study-file", action="store_true",
+                       help="with --resume: run today's study file instead of the study recorded when the sweep started")
         p.add_argument("--address", help="join a Ray cluster (e.g. auto, or ray://host:10001); default: start a local Ray")
         p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
         p.add_argument("--ray-temp-dir", help="temp dir for a local Ray")
@@ -82,46 +90,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cutoff", help="training-length cutoffs of a finished sweep, from MLflow")
     p.add_argument("--sweep", required=True, help="the sweep's name (or its MLflow parent run id)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
-    p.add_argument("--study", help="study file whose [metrics] and [cutoff] settings to use (default: the sweep's)")
+    p.add_argument("--study", help="study file whose [metrics] and [cutoff] settings to use (default: the study recorded with the sweep)")
+    p.add_argument("--storage-path", help="where the sweep's file is looked for (default: ./ray_results)")
     return parser
 
 
-def run_study(kind: str, args) -> int:
+def run_study(request: SweepRequest) -> int:
     from mlflow.tracking import MlflowClient
 
-    from fakedet.report import analyse_sweep
-    from fakedet.sweep.execute import run_sweep
-    from fakedet.sweep.plan import build_plan
-    from fakedet.sweep.record import RESUMED_ARGS, read_sweep_file, storage_root, sweep_exists
+    from fakedet.sweep.execute import ray_resources, run_sweep
+    from fakedet.sweep.plan import build_plan, resolve_study, sweep_name
+    from fakedet.sweep.record import read_sweep_file, recorded_choices, storage_root, sweep_exists
     from fakedet.sweep.study import StudyError
-    from fakedet.sweep.store import check_tracking_uri, compare_link, default_tracking_uri, mlflow_ui_command, runs_link
+    from fakedet.sweep.store import check_tracking_uri, default_tracking_uri, mlflow_ui_command
 
-    storage = storage_root(args.storage_path)
-    meta = None
-    if args.resume:
-        meta = read_sweep_file(storage, args.resume, kind)
-        args.name = meta["name"]
-        for k in RESUMED_ARGS:
-            if k in meta["args"]:
-                setattr(args, k, meta["args"][k])
-    plan = build_plan(kind, args)
-    if meta is None and sweep_exists(storage, plan.name):
-        raise StudyError(f"a sweep named {plan.name!r} already exists under {storage}; "
-                         f"continue it with --resume {plan.name}, or choose another --name")
-    uri = meta["tracking_uri"] if meta else (args.tracking_uri or default_tracking_uri())
+    kind = request.kind
+    storage = storage_root(request.storage_path)
+    meta, bundle = None, None
+    if request.resume:
+        meta = read_sweep_file(storage, request.resume, kind)
+        choices = recorded_choices(meta)
+        request = request.resumed(meta["name"], choices)
+        study = resumed_study(request, meta)
+        # the bundle size chosen when the sweep started (older sweep files kept it as the `bundle` choice)
+        bundle = meta.get("bundle_size") or (choices.get("bundle") if isinstance(choices.get("bundle"), int) else None)
+    else:
+        study = resolve_study(request)
+    name = sweep_name(request, study)
+    if meta is None and sweep_exists(storage, name):
+        raise StudyError(f"a sweep named {name!r} already exists under {storage}; "
+                         f"continue it with --resume {name}, or choose another --name")
+    uri = meta["tracking_uri"] if meta else (request.tracking_uri or default_tracking_uri())
     check_tracking_uri(uri)
     if meta and MlflowClient(uri).get_run(meta["parent_run_id"]).info.status == "FINISHED":
-        say(f"sweep {plan.name} has already finished; nothing to resume "
-            f"(to analyse it again: python sweeps/run.py cutoff --sweep {plan.name} --tracking-uri {uri})")
+        say(f"sweep {name} has already finished; nothing to resume "
+            f"(to analyse it again: python sweeps/run.py cutoff --sweep {name} --tracking-uri {uri})")
         return 0
-    experiment = meta["experiment"] if meta else (args.experiment or plan.study.name)
+    plan = build_plan(request, study, name, ray_resources(request), bundle=bundle)
+    experiment = meta["experiment"] if meta else (request.experiment or plan.study.name)
     say(f"MLflow tracking: {uri} (experiment {experiment!r}); view it with: {mlflow_ui_command(uri)}")
     say(f"sweep {plan.name}: {plan.trajectory_count} trajectories, {plan.cell_count} cells, study {plan.study.source}"
         + (f" (preset {plan.study.preset})" if plan.study.preset else ""))
 
-    resume_cmd = f"python sweeps/run.py {kind} --resume {plan.name}" + (f" --storage-path {args.storage_path}" if args.storage_path else "")
+    resume_cmd = f"python sweeps/run.py {kind} --resume {plan.name}" + (f" --storage-path {request.storage_path}" if request.storage_path else "")
     try:
-        outcome = run_sweep(plan, args, storage, uri, experiment, meta, outage_s=args.tracking_outage)
+        outcome = run_sweep(plan, request, storage, uri, experiment, meta)
     except KeyboardInterrupt:
         say(f"\ninterrupted. Resume with:\n  {resume_cmd}")
         return 130
@@ -137,6 +150,9 @@ def run_study(kind: str, args) -> int:
     if not outcome.complete:
         say(f"\nsweep interrupted ({outcome.ended_cells}/{plan.cell_count} cells ended). Resume with:\n  {resume_cmd}")
         return 130
+    from fakedet.report import analyse_sweep
+    from fakedet.sweep.store import compare_link, runs_link
+
     status = analyse_sweep(tracking, plan.study, plan.cell_epochs, outcome.record)
     if outcome.failed_trials:
         say(f"{outcome.failed_trials} trial(s) failed; their cells are marked FAILED in MLflow")
@@ -147,11 +163,73 @@ def run_study(kind: str, args) -> int:
     return 1 if outcome.failed_trials or status else 0
 
 
-def run_cutoff(args) -> int:
+def resumed_study(request: SweepRequest, meta: dict[str, Any]) -> Study:
+    """The study a resumed sweep runs: the resolved study recorded when it started, with what today's study
+    file (same preset and overrides) would change said; today's with --adopt-study-file."""
+    from fakedet.sweep.plan import resolve_study, study_differences
+    from fakedet.sweep.record import recorded_study
+    from fakedet.sweep.study import StudyError
+
+    name = meta["name"]
+    recorded = recorded_study(meta, f"the sweep file of {name}")
+    if recorded is None:  # a sweep file from before the study was recorded
+        say(f"sweep {name} recorded no resolved study; resuming with today's {request.study_path}")
+        return resolve_study(request)
+    try:
+        today = resolve_study(request)
+    except StudyError as e:
+        if request.adopt_study_file:
+            raise
+        say(f"today's study file no longer resolves ({e}); the recorded study is unaffected")
+        return recorded
+    differences = study_differences(recorded, today)
+    if differences:
+        say(f"today's {today.source} resolves differently from the study recorded with sweep {name}:\n  "
+            + "\n  ".join(differences))
+    if request.adopt_study_file:
+        say(f"resuming sweep {name} with today's study {today.source} (--adopt-study-file)")
+        return today
+    say(f"resuming sweep {name} with the study recorded when it started ({recorded.source})"
+        + ("; pass --adopt-study-file to take today's" if differences else ""))
+    return recorded
+
+
+def cutoff_study(results, storage: str, tracking_uri: str) -> tuple[Study, str]:
+    """The study a finished sweep ran, and where it was read: its sweep file under `storage`, else the
+    parent run's `analysis/run_record.json`, else the study file its parameters name."""
+    import json
+    import tempfile
+
+    from fakedet.sweep.record import read_sweep_file, recorded_study, sweep_exists
+    from fakedet.sweep.study import Study
+
+    if results.name and sweep_exists(storage, results.name):
+        meta = read_sweep_file(storage, results.name, results.kind)
+        study = recorded_study(meta, f"the sweep file of {results.name}")
+        if study is not None:
+            return study, f"recorded in {storage}/{results.name}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            record = json.loads(Path(client.download_artifacts(results.parent_run_id, "analysis/run_record.json", d)).read_text())
+    except Exception:  # noqa: BLE001 - no analysis logged yet: fall back to the parameters
+        record = {}
+    if record.get("study"):
+        return Study.from_sections(record["study"], source=f"run {results.parent_run_id} analysis/run_record.json"), \
+            "recorded in the parent run's analysis/run_record.json"
+    params = results.parent.data.params
+    study = Study.load(params.get("study") or results.kind, preset=params.get("preset") or None)
+    return study, f"today's {study.source}, named by the parent run's parameters"
+
+
+def run_cutoff(args: argparse.Namespace) -> int:
     """Re-run the analysis of a finished sweep from what MLflow holds (the sweep's name or parent run id)."""
     from fakedet.provenance import run_record
     from fakedet.report import analyse_sweep
     from fakedet.results import load_sweep, SweepNotFoundError
+    from fakedet.sweep.record import storage_root
     from fakedet.sweep.study import Study, StudyError
     from fakedet.sweep.store import SweepTracking, check_tracking_uri, default_tracking_uri
 
@@ -161,11 +239,11 @@ def run_cutoff(args) -> int:
         results = load_sweep(uri, args.sweep)
     except (SweepNotFoundError, FileNotFoundError) as e:
         raise StudyError(str(e)) from None
-    params = results.parent.data.params
     if args.study:
-        study = Study.load(args.study)
+        study, where = Study.load(args.study), "--study"
     else:
-        study = Study.load(params.get("study") or results.kind, preset=params.get("preset") or None)
+        study, where = cutoff_study(results, storage_root(args.storage_path), uri)
+    say(f"study: {study.source} ({where})")
     tracking = SweepTracking(uri, results.parent.info.experiment_id, results.parent_run_id, results.name)
     epochs = sorted(results.cells["cell_epochs"].unique()) if len(results.cells) else []
     return analyse_sweep(tracking, study, epochs, run_record())
@@ -180,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.kind == "cutoff":
             return run_cutoff(args)
-        return run_study(args.kind, args)
+        return run_study(SweepRequest.from_flags(vars(args)))
     except (StudyError, DataError, ConnectionError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

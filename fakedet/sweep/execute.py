@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import ray
@@ -18,10 +18,12 @@ from fakedet.config import default_cache_root
 from fakedet.console import say
 from fakedet.data import cache_hash, load_splits, resolve_data
 from fakedet.provenance import run_record
-from fakedet.sweep.plan import SweepPlan
+from fakedet.sweep.plan import SweepPlan, trial_resources
 from fakedet.sweep.progress import Progress
-from fakedet.sweep.record import RESUMED_ARGS, write_sweep_file
+from fakedet.sweep.record import write_sweep_file
+from fakedet.sweep.request import SweepRequest
 from fakedet.sweep.spec import FaultInjection
+from fakedet.sweep.study import Budget
 from fakedet.sweep.tags import TAG_KIND
 from fakedet.sweep.store import SweepTracking, compare_link, runs_link
 from fakedet.sweep.tracking import MlflowCellCallback
@@ -45,59 +47,44 @@ class SweepOutcome:
         return self.tracking_error is None and self.ended_cells >= self.plan.cell_count
 
 
-def prepare_data(plan: SweepPlan, args) -> tuple[Path, str, dict]:
+def prepare_data(plan: SweepPlan, request: SweepRequest) -> tuple[Path, str, dict]:
     size, variant = plan.study.data.size, plan.study.data.variant
-    cache = resolve_data(args.data, args.cache_root or default_cache_root(), size=size, variant=variant)
+    cache = resolve_data(request.data, request.cache_root or default_cache_root(), size=size, variant=variant)
     data_hash = cache_hash(cache)
     splits = load_splits(cache)
-    say(f"data: {args.data} ({f'{size}, {variant}' if args.data == 'synthetic' else cache}), cache {data_hash}; "
+    say(f"data: {request.data} ({f'{size}, {variant}' if request.data == 'synthetic' else cache}), cache {data_hash}; "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     return cache, data_hash, splits
 
 
-def init_ray(args) -> None:
+def init_ray(request: SweepRequest) -> None:
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    if args.address:
-        ray.init(address=args.address, log_to_driver=args.verbose)
+    if request.address:
+        ray.init(address=request.address, log_to_driver=request.verbose)
     else:
         # "local": always a fresh single-machine instance, never a stale cluster found in /tmp/ray
-        kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": args.verbose}
-        if args.num_cpus:
-            kwargs["num_cpus"] = args.num_cpus
-        if args.ray_temp_dir:
-            kwargs["_temp_dir"] = str(Path(args.ray_temp_dir).resolve())
+        kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": request.verbose}
+        if request.num_cpus:
+            kwargs["num_cpus"] = request.num_cpus
+        if request.ray_temp_dir:
+            kwargs["_temp_dir"] = str(Path(request.ray_temp_dir).resolve())
         ray.init(**kwargs)
 
 
-def trial_resources(plan: SweepPlan, args) -> dict[str, float]:
-    budget = plan.study.budget
-    cpus = float(args.cpus_per_trial or budget.cpus_per_trial)
-    if args.gpus_per_trial is not None:
-        # asked for explicitly: honoured even when no GPU is up yet (an autoscaling cluster adds GPU workers)
-        gpus = args.gpus_per_trial
-    else:
-        gpus = float(budget.gpus_per_trial) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return {"cpu": cpus, "gpu": gpus} if gpus > 0 else {"cpu": cpus}
+def ray_resources(request: SweepRequest) -> Callable[[Budget], dict[str, float]]:
+    """What the plan asks for each trial's resources: Ray started, then the cluster's GPUs looked at."""
+    def resources(budget: Budget) -> dict[str, float]:
+        init_ray(request)
+        return trial_resources(budget, request, ray.cluster_resources().get("GPU", 0))
+    return resources
 
 
-def bundle_size(plan: SweepPlan, resources: dict[str, float]) -> int:
-    """Trajectories per trial: the study's (or --bundle's) number, or for `auto` 1 where trials get no
-    GPU (on this project's 2-core CPU, vmap over 8 copies of the net ran at 0.76x training them one
-    after another) and, where they do, as many as the grid holds up to `max_bundle`."""
-    budget = plan.study.budget  # `--bundle` is already merged in, checked by the study schema
-    if plan.kind != "ablation":
-        return 1
-    if budget.bundle == "auto":
-        return min(budget.max_bundle, plan.trajectory_count) if resources.get("gpu", 0) > 0 else 1
-    return budget.bundle
-
-
-def tune_config(plan: SweepPlan, args) -> tune.TuneConfig:
+def tune_config(plan: SweepPlan, request: SweepRequest) -> tune.TuneConfig:
     if plan.kind == "ablation":
-        return tune.TuneConfig(num_samples=1, max_concurrent_trials=args.max_concurrent or None,
+        return tune.TuneConfig(num_samples=1, max_concurrent_trials=request.max_concurrent or None,
                                trial_dirname_creator=_trial_dirname)
     budget, metrics = plan.study.budget, plan.study.metrics
-    storage_url = args.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    storage_url = request.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
     searcher = OptunaSearch(storage=optuna.storages.RDBStorage(storage_url), study_name=plan.name, seed=budget.seed)
     say(f"optuna study {plan.name!r} in {storage_url} (optuna-dashboard {storage_url})")
     scheduler = ASHAScheduler(time_attr="epoch", max_t=float(plan.cell_epochs[-1]), grace_period=float(budget.grace_period),
@@ -105,7 +92,7 @@ def tune_config(plan: SweepPlan, args) -> tune.TuneConfig:
     # the best value so far, not the latest: monotone in training time, so ASHA's rungs and TPE compare
     # trials at different lengths on the same quantity
     return tune.TuneConfig(metric=plan.template.objective.best_key, mode=metrics.objective_mode, search_alg=searcher, scheduler=scheduler,
-                           num_samples=plan.total_trials, max_concurrent_trials=args.max_concurrent or budget.max_concurrent,
+                           num_samples=plan.total_trials, max_concurrent_trials=request.max_concurrent or budget.max_concurrent,
                            trial_dirname_creator=_trial_dirname)
 
 
@@ -131,29 +118,27 @@ def ended_cells(tracking: SweepTracking) -> int:
     return sum(r.info.status in ("FINISHED", "KILLED", "FAILED") for r in tracking.cell_runs() if r.data.tags.get(TAG_KIND) == "cell")
 
 
-def run_sweep(plan: SweepPlan, args, storage: str, tracking_uri: str, experiment: str, meta: dict | None,
-              outage_s: float) -> SweepOutcome:
-    """Prepare data, open (or reopen) the parent run, run every trial; returns what ended."""
-    cache, data_hash, splits = prepare_data(plan, args)
-    if meta and meta.get("data_hash") not in (None, data_hash) and not args.allow_data_change:
+def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri: str, experiment: str,
+              meta: dict | None) -> SweepOutcome:
+    """Prepare data, open (or reopen) the parent run, run every trial of the planned (bundled) sweep on the
+    Ray the plan started; returns what ended."""
+    outage_s = request.tracking_outage
+    cache, data_hash, splits = prepare_data(plan, request)
+    if meta and meta.get("data_hash") not in (None, data_hash) and not request.allow_data_change:
         raise ValueError(f"--resume: the data changed since sweep {plan.name} started (cache {meta['data_hash']} then, "
                          f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
-    init_ray(args)
-    resources = trial_resources(plan, args)
-    k = bundle_size(plan, resources)
-    plan = plan.bundled(k)
-    args.bundle = k  # recorded: a resumed sweep rebuilds the same trials
-    if k > 1:
-        say(f"bundles: up to {k} trajectories per trial, one fused step each ({plan.total_trials} trials)")
+    resources = plan.resources
+    if plan.bundle > 1:
+        say(f"bundles: up to {plan.bundle} trajectories per trial, one fused step each ({plan.total_trials} trials)")
     say(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
         f"each trial asks for {resources}; results under {storage}/{plan.name}")
 
     record = run_record()
-    run_params = {"data": args.data, "data_hash": data_hash, "code_version": record["code_version"], "sweep": plan.name}
+    run_params = {"data": request.data, "data_hash": data_hash, "code_version": record["code_version"], "sweep": plan.name}
     if meta:
         tracking = SweepTracking.open(tracking_uri, experiment, plan.name, {}, {}, parent_run_id=meta["parent_run_id"])
     else:
-        sweep_params = {"kind": plan.kind, "study": plan.study.source, "preset": plan.study.preset or "", "data": args.data,
+        sweep_params = {"kind": plan.kind, "study": plan.study.source, "preset": plan.study.preset or "", "data": request.data,
                         "data_hash": data_hash, "code_version": record["code_version"], "trials": plan.total_trials,
                         "cells": plan.cell_count,
                         # what the views need to redraw the cutoff analysis without the study file
@@ -161,10 +146,12 @@ def run_sweep(plan: SweepPlan, args, storage: str, tracking_uri: str, experiment
         tracking = SweepTracking.open(tracking_uri, experiment, plan.name, sweep_params, {"fakedet.study": plan.study.name})
         write_sweep_file(storage, plan.name, {
             "kind": plan.kind, "name": plan.name, "tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
-            "experiment": experiment, "parent_run_id": tracking.parent_run_id, "args": resumed_args(args),
-            "cache": str(cache), "data_hash": data_hash, "study": plan.study.sections(), **record})
-    if args.crash_once_after_step:
-        plan = plan.with_faults(FaultInjection(args.crash_once_after_step, f"{storage}/{plan.name}/crash_once.marker"))
+            "experiment": experiment, "parent_run_id": tracking.parent_run_id,
+            # the request and the resolved study: --resume and cutoff run these, not today's study file
+            "request": request.recorded(), "bundle_size": plan.bundle, "study": plan.study.sections(),
+            "study_source": plan.study.source, "cache": str(cache), "data_hash": data_hash, **record})
+    if request.crash_once_after_step:
+        plan = plan.with_faults(FaultInjection(request.crash_once_after_step, f"{storage}/{plan.name}/crash_once.marker"))
     trainable = tune.with_resources(tune.with_parameters(run_trial, splits=splits, template=plan.template), resources)
 
     logger = MlflowCellCallback(tracking, plan.template, run_params, {"fakedet.study": plan.study.name}, outage_s=outage_s)
@@ -183,7 +170,7 @@ def run_sweep(plan: SweepPlan, args, storage: str, tracking_uri: str, experiment
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=plan.param_space)
     else:
-        tuner = tune.Tuner(trainable, param_space=plan.param_space, tune_config=tune_config(plan, args),
+        tuner = tune.Tuner(trainable, param_space=plan.param_space, tune_config=tune_config(plan, request),
                            run_config=run_config(plan, storage, callbacks))
     tracking_error = None
     try:
@@ -199,10 +186,6 @@ def run_sweep(plan: SweepPlan, args, storage: str, tracking_uri: str, experiment
         tracking_error = f"{writer.pending()} tracking writes could not be applied"
     ended = 0 if tracking_error else ended_cells(tracking)
     return SweepOutcome(plan, tracking, record, cache, data_hash, ended, failed, tracking_error)
-
-
-def resumed_args(args) -> dict[str, Any]:
-    return {k: getattr(args, k, None) for k in RESUMED_ARGS}
 
 
 def _tracking_cause(e: BaseException) -> TrackingUnavailable | None:

@@ -1,5 +1,6 @@
 """The sweep file kept beside Ray's results (`<storage>/<name>/fakedet_sweep.json`): what `--resume`
-needs to rebuild the same sweep (its command-line choices, tracking store, parent run, data hash)."""
+needs to rebuild the same sweep (its request, the resolved study it ran, the bundle size, tracking store,
+parent run, data hash), and what `cutoff` reads the study from."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ from typing import Any
 
 import pyarrow.fs
 
-from fakedet.sweep.study import StudyError
+from fakedet.sweep.study import Study, StudyError
 
 SWEEP_FILE = "fakedet_sweep.json"
-# the command-line choices that shape a sweep: replayed by --resume
-RESUMED_ARGS = ("data", "smoke", "study", "srm", "epochs", "lr", "seeds", "eval_at", "objective", "bundle")
 
 
 def storage_root(storage_path: str | None) -> str:
@@ -69,3 +68,15 @@ def read_sweep_file(storage: str, name: str, kind: str) -> dict[str, Any]:
     if meta.get("kind") != kind:
         raise StudyError(f"--resume: sweep {meta.get('name')!r} is a {meta.get('kind')} sweep, not {kind}")
     return meta
+
+
+def recorded_choices(meta: dict[str, Any]) -> dict[str, Any]:
+    """The request's recorded choices (sweep files before the request was recorded kept them as `args`)."""
+    return meta.get("request", meta.get("args", {}))
+
+
+def recorded_study(meta: dict[str, Any], where: str) -> Study | None:
+    """The resolved study the sweep ran, checked by the study schema; None in a sweep file without one."""
+    if not meta.get("study"):
+        return None
+    return Study.from_sections(meta["study"], source=meta.get("study_source") or where)

@@ -297,8 +297,9 @@ class Study:
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, path_or_name: str | Path, preset: str | None = None,
-             overrides: dict[str, dict[str, Any]] | None = None) -> "Study":
-        """Read and check a study file; `preset` and `overrides` ({section: {key: value}}) are merged first."""
+             overrides: dict[str, dict[str, Any]] | None = None, preset_if_present: str | None = None) -> "Study":
+        """Read and check a study file; `preset` and `overrides` ({section: {key: value}}) are merged first.
+        `preset_if_present`: the preset taken when none is asked for and the file has one of that name."""
         path = resolve_path(path_or_name)
         try:
             raw = tomllib.loads(path.read_text())
@@ -309,6 +310,8 @@ class Study:
         # every preset must apply cleanly, whichever one is asked for: a typo in one is found at once
         for name in base.spec.presets:
             cls._check(_merge(raw, base.spec.presets[name], f"{path}: preset {name!r}"), f"{path} (preset {name!r})")
+        if preset is None and preset_if_present in base.spec.presets:
+            preset = preset_if_present
         if preset is not None and preset not in base.spec.presets:
             raise StudyError(f"{path}: no preset {preset!r} (has: {', '.join(base.spec.presets) or 'none'})")
         merged = _merge(raw, base.spec.presets[preset], str(path)) if preset else raw
@@ -317,6 +320,13 @@ class Study:
         where = str(path) + (f" (preset {preset!r})" if preset else "") + (" with command-line overrides" if overrides else "")
         study = cls._check(merged, where)
         return cls(study.spec, str(path), preset)
+
+    @classmethod
+    def from_sections(cls, sections: dict[str, Any], source: str) -> "Study":
+        """A resolved study as `sections()` wrote it (a sweep's record), checked by the same schema as a file."""
+        raw = {k: copy.deepcopy(v) for k, v in sections.items() if k != "preset"}
+        study = cls._check(raw, source)
+        return cls(study.spec, source, sections.get("preset"))
 
     @classmethod
     def _check(cls, raw: dict[str, Any], where: str) -> "Study":
