@@ -172,8 +172,16 @@ def _row(**values) -> dict:
     return row
 
 
-def _mean_row(values: np.ndarray, confidence: float, **labels) -> dict:
+def _mean_row(values: np.ndarray, confidence: float, *, fisher: bool = False, **labels) -> dict:
+    """A t interval and t test over trajectories. `fisher`: the values are correlations, averaged on
+    Fisher's z scale and transformed back, so the interval stays inside (−1, 1); the test (mean z = 0)
+    and the interval still answer the same question (tanh is monotone and tanh(0) = 0)."""
+    if fisher:
+        # |r| = 1 (a monotone trajectory under Spearman or Kendall) is clipped to a finite z
+        values = np.arctanh(np.clip(np.asarray(values, float), -0.999, 0.999))
     mean, lo, hi, p, n, sd = (float(v) for v in t_mean(values, confidence=confidence))
+    if fisher:
+        mean, lo, hi = (math.tanh(v) if math.isfinite(v) else v for v in (mean, lo, hi))
     note = labels.pop("note", "")
     if n >= 2 and sd == 0:
         note = "; ".join(filter(None, [note, f"all {int(n)} values equal"]))
@@ -214,9 +222,10 @@ def along_training_rows(points: pd.DataFrame, x: str, y: str, *, change_between:
                   note="log10 epochs; < 0: transfer peaks before intrinsic skill"),
     ]  # fmt: skip
     for method in methods:
-        rows.append(_mean_row(within_correlation(X, Y, method), confidence, **base, estimand="within_correlation",
-                              method=method, epochs="all", n_models=n_points,
-                              note="≈ +1 whenever both rise with training: measures the shared trend"))  # fmt: skip
+        rows.append(_mean_row(within_correlation(X, Y, method), confidence, fisher=True, **base,
+                              estimand="within_correlation", method=method, epochs="all", n_models=n_points,
+                              note="averaged on Fisher's z scale; ≈ +1 whenever both rise with training: "
+                                   "measures the shared trend"))  # fmt: skip
     return rows
 
 
