@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import pickle
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
+from fakedet.config import TRAIN_FIELDS, TrainConfig
+from fakedet.sweep.plan import resolve_study
+from fakedet.sweep.request import SweepRequest
 from fakedet.sweep.spec import TRIAL_KEY, Cell, TrialSpec, resolve_trial
-from fakedet.sweep.study import SWEEPS_DIR, Study, StudyError
+from fakedet.sweep.study import MAX_NESTING, SECTIONS, SWEEPS_DIR, AblationFile, HpoFile, Study, StudyError
 
 STUDY_FILES = sorted(SWEEPS_DIR.glob("*.toml"))
 
@@ -25,11 +31,55 @@ def test_every_study_file_loads_with_each_preset(path):
         s = Study.load(path, preset=preset)
         specs = s.trials() if s.kind == "ablation" else [s.hpo_template()]
         assert specs and all(isinstance(t, TrialSpec) and t.cells for t in specs)
+        for trajectory in (t for spec in specs for t in spec.trajectories):
+            trajectory.config.validate()
+            assert TrainConfig.from_dict(trajectory.config.to_dict()) == trajectory.config
+        # what a sweep records resolves to the same study and trials
+        again = Study.from_sections(s.sections(), source="record")
+        assert again.sections() == s.sections()
+        assert (again.trials() if s.kind == "ablation" else [again.hpo_template()]) == specs
+
+
+def _schema_default(kind: str, section: str, key: str):
+    model = {"ablation": AblationFile, "hpo": HpoFile}[kind]
+    default = model.model_fields[section].get_default(call_default_factory=True)
+    return getattr(default, key)
+
+
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.name)
+def test_study_files_hold_only_what_differs_from_the_schema(path):
+    """A study file is a delta: no key restates the schema's default, no preset restates the file."""
+    raw = tomllib.loads(path.read_text())
+    study = Study.load(path)
+    assert "name" not in raw or raw["name"] != path.stem, "name restates the default (the file's stem)"
+    restated = []
+    for section in SECTIONS:
+        table = raw.get(section, {})
+        if section == "space" and study.kind == "hpo":
+            assert table, "an HPO study needs its space"
+            continue  # samplers have no defaults
+        for key in table:
+            if getattr(getattr(study.spec, section), key) == _schema_default(study.kind, section, key):
+                restated.append(f"[{section}] {key}")
+    assert not restated, f"{path.name} restates the schema's defaults: {restated}"
+    for name, delta in study.presets.items():
+        with_preset = Study.load(path, preset=name)
+        same = [f"[presets.{name}] {section}.{key}" for section, table in delta.items() for key in table
+                if getattr(getattr(with_preset.spec, section), key) == getattr(getattr(study.spec, section), key)]
+        assert not same, f"{path.name}: presets restating the file: {same}"
+
+
+def test_a_restated_default_is_found(tmp_path):
+    """The delta check above can fail: a file restating a default is caught by the same comparison."""
+    path = write(tmp_path, 'kind = "ablation"\n[budget]\nmax_failures = 2\n[space]\nseeds = 3')
+    study = Study.load(path)
+    assert study.spec.budget.max_failures == _schema_default("ablation", "budget", "max_failures")
+    assert study.spec.space.seeds != _schema_default("ablation", "space", "seeds")
 
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "study.toml"
-    path.write_text('name = "t"\n' + text)
+    path.write_text(text if text.startswith("name") else 'name = "t"\n' + text)
     return path
 
 
@@ -39,17 +89,22 @@ def write(tmp_path: Path, text: str) -> Path:
     ('kind = "ablation"\nspace = "srm"', "space: must be a table of keys"),
     ('kind = "ablation"\n[space]\nepochs = "10"', "[space] epochs: Input should be a valid list"),
     ('kind = "ablation"\n[space]\nepochs = [1, 2.5]', "[space] epochs.1: Input should be a valid integer"),
-    ('kind = "ablation"\n[space]\nsrm = ["pool9"]', "[space] srm: unknown SRM placement"),
+    ('kind = "ablation"\n[space]\nsrm = ["pool9"]', "[space] srm.0: unknown SRM placement 'pool9'"),
     ('kind = "ablation"\n[budget]\nmax_failures = -1', "[budget] max_failures: Input should be greater than or equal to 0"),
     ('kind = "ablation"\n[budget]\ndense_points = 1', "[budget] dense_points: Input should be a valid boolean"),
     ('kind = "ablation"\n[fixed]\nmomentun = 0.9', "[fixed] momentun: unknown key"),
-    ('kind = "ablation"\n[fixed]\nmomentum = 1.5', "[fixed] invalid training config: momentum"),
+    ('kind = "ablation"\n[fixed]\nmomentum = 1.5', "[fixed] momentum: Input should be less than 1, got 1.5"),
+    ('kind = "ablation"\n[fixed]\nbatch_size = 32.0', "[fixed] batch_size: Input should be a valid integer, got 32.0"),
+    ('kind = "ablation"\n[fixed]\nsrm = "pool1"', "[fixed] srm: set per trial by [space] srm; remove it from [fixed]"),
+    ('kind = "hpo"\n[space]\nlr = { uniform = [1e-3, 1e-2] }\n[fixed]\nlr = 1e-3', "[fixed] lr: set per trial by [space] lr"),
+    ('kind = "hpo"\n[space]\nlr = { uniform = [1e-3, 1e-2] }\n[fixed]\nepochs = 5', "[fixed] epochs: set per trial by [budget] epochs"),
     ('kind = "ablation"\n[cutoff]\nselect_on = "agiri_test/auc"', "[cutoff] select_on: cutoff selection metric 'agiri_test/auc' is on a test split"),
     ('kind = "ablation"\n[cutoff]\nselect_on = "cifar100_test_jpeg/real_recall"', "is on a test split"),
     ('kind = "ablation"\n[presets.smoke]\nspace = { epoch = [1] }', "(preset 'smoke'): [space] epoch: unknown key"),
     ('kind = "ablation"\n[presets.smoke]\nspaces = { epochs = [1] }', "'spaces' is not a section"),
     ('kind = "ablation"\n[data]\nsize = "huge"', "[data] size: Input should be"),
     ('kind = "sweep"', "kind must be 'ablation' or 'hpo'"),
+    ('name = "../../escaped"\nkind = "ablation"', "name: '../../escaped' is not a study name"),
     ('kind = "hpo"\n[space]\nlr = { loguniform = [0, 1] }', "[space] lr: loguniform needs low > 0"),
     ('kind = "hpo"\n[space]\nmomentum = { uniform = [0.5, 1.5] }', "[space] momentum: the value 1.5 it can sample is refused"),
     ('kind = "hpo"\n[space]\nlr = { uniform = [1e-3, 1e-2], choice = [1] }', "[space] lr: give exactly one of"),
@@ -64,11 +119,18 @@ def test_bad_study_files_are_refused_with_one_line(tmp_path, text, message):
 
 
 def test_defaults_live_in_the_schema(tmp_path):
+    """A study of nothing but its kind is the study's protocol: one trajectory of TrainConfig's defaults."""
     study = Study.load(write(tmp_path, 'kind = "ablation"'))
-    trials = study.trials()
-    assert len(trials) == 3 * 3 * 1  # srm {none, pool1, pool2} × lr {1e-4, 1e-3, 1e-2} × 1 seed
-    assert trials[0].trajectories[0].cell_epochs == (1.0, 10.0, 50.0, 100.0)
+    (trial,) = study.trials()
+    (trajectory,) = trial.trajectories
+    protocol = TrainConfig()
+    assert trajectory.cell_epochs == (protocol.epochs,)
+    for field in ("srm", "lr", "seed", "momentum", "batch_size", "shuffle", "arch"):
+        assert getattr(trajectory.config, field) == getattr(protocol, field), field
     assert study.budget.max_failures == 2 and study.cutoff.patience_epochs == 3 and study.data.size == "default"
+    # [fixed] is the training config's own schema: the same fields, the same defaults
+    assert set(TRAIN_FIELDS.model_fields) == set(TrainConfig.__dataclass_fields__)
+    assert study.spec.fixed == TRAIN_FIELDS()
 
 
 def test_overrides_are_checked_like_the_file():
