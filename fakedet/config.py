@@ -44,6 +44,12 @@ def clipped(name: str, limit: int = 60) -> str:
     return name if len(name) <= limit else f"{name[:limit // 2]}...{name[-limit // 2:]}"
 
 
+def joined(parts: list[str], most: int = 8) -> str:
+    """Errors as one line: the first `most` of them, then how many more (a list of 10^4 bad values is not echoed)."""
+    more = len(parts) - most
+    return "; ".join(parts[:most]) + (f"; and {more} more" if more > 0 else "")
+
+
 def _known(names: dict | tuple, what: str) -> AfterValidator:
     def check(value: str) -> str:
         if value not in names:
@@ -185,8 +191,8 @@ def _check(values: dict[str, Any]) -> BaseModel:
     try:
         return TRAIN_FIELDS.model_validate(values)
     except ValidationError as e:
-        raise ValueError("invalid training config: " + "; ".join(f"{'.'.join(loc)}: {msg}" if loc else msg
-                                                                  for loc, msg in explain(e))) from None
+        raise ValueError("invalid training config: " + joined([f"{'.'.join(loc)}: {msg}" if loc else msg
+                                                                for loc, msg in explain(e)])) from None
 
 
 def dense_eval_points(epochs: float, per_first_epoch: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75), per_decade: int = 4) -> tuple[float, ...]:
@@ -211,7 +217,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mini": {"srm": "none", "epochs": 1},
 }
 
-__all__ = ["TrainConfig", "TRAIN_FIELDS", "SHUFFLE_MODES", "PRESETS", "clipped", "dense_eval_points", "explain", "shown"]
+__all__ = ["TrainConfig", "TRAIN_FIELDS", "SHUFFLE_MODES", "PRESETS", "clipped", "dense_eval_points", "explain", "joined", "shown"]
 
 
 def default_cache_root() -> str:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fakedet.config import TRAIN_FIELDS, LearningRate, Placement, Seed, TrainConfig, clipped, dense_eval_points, explain, shown
+from fakedet.config import TRAIN_FIELDS, LearningRate, Placement, Seed, TrainConfig, clipped, dense_eval_points, explain, joined, shown
 from fakedet.data.synthetic import SIZES, VARIANTS
 from fakedet.sweep.spec import Objective, Trajectory, TrialSpec
 
@@ -39,11 +39,12 @@ MAX_NESTING = 8
 
 
 def _unique(values: list) -> list:
-    seen: list = []
+    seen: set = set()
     for v in values:
-        if v in seen:
+        key = repr(v) if isinstance(v, (list, dict)) else v  # a set, so that a long list is checked in linear time
+        if key in seen:
             raise ValueError(f"{shown(v)} is given twice; each value once (a repeated value would train, and log, one cell twice)")
-        seen.append(v)
+        seen.add(key)
     return values
 
 
@@ -336,7 +337,7 @@ def _format(path: str, error: ValidationError) -> str:
             msg = "must be a table of keys"
         where = f"[{section}] {key}" if key else f"{section}"
         parts.append(f"{where}: {msg}")
-    return f"{path}: " + "; ".join(parts)
+    return f"{path}: " + joined(parts)
 
 
 def _nesting(value: Any) -> int:
@@ -436,7 +437,7 @@ class Study:
         spec, limits, refuse = self.spec, self.spec.limits, _Refusal()
         refuse.over("presets", len(spec.presets), "presets", limits.presets, "presets")
         if refuse.parts:  # said before anything else: each preset would be checked in turn
-            raise StudyError(f"{where}: " + "; ".join(refuse.parts))
+            raise StudyError(f"{where}: " + joined(refuse.parts))
         for key in sorted(spec.fixed.model_fields_set & set(self.varied_fields())):
             refuse.add(f"[fixed] {key}", f"set per trial by {self._varied_by(key)}; remove it from [fixed]")
         budget = spec.budget
@@ -475,7 +476,7 @@ class Study:
                         refuse.add(f"[space] {key}", f"the value {shown(value)} it can sample is refused: {reason}")
                         break
         if refuse.parts:
-            raise StudyError(f"{where}: " + "; ".join(refuse.parts))
+            raise StudyError(f"{where}: " + joined(refuse.parts))
 
     def varied_fields(self) -> tuple[str, ...]:
         """Training-config fields the study sets per trial, never from `[fixed]`."""
