@@ -17,11 +17,11 @@ import itertools
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fakedet.config import TRAIN_FIELDS, LearningRate, Placement, Seed, TrainConfig, clipped, dense_eval_points, explain, joined, shown
+from fakedet.config import TRAIN_FIELDS, EvalPoint, LearningRate, Placement, Seed, TrainConfig, clipped, dense_eval_points, explain, joined, shown
 from fakedet.data.synthetic import SIZES, VARIANTS
 from fakedet.sweep.spec import Objective, Trajectory, TrialSpec
 
@@ -66,7 +66,7 @@ def refuse_test_split(metric: str, what: str) -> None:
     """The one rule for choosing on data: never a split whose name contains `test`."""
     split = metric.split("/", 1)[0]
     if "test" in split:
-        raise ValueError(f"{what} {metric!r} is on a test split; choose on a validation split (cifake_val or agiri_val)")
+        raise ValueError(f"{what} {shown(metric)} is on a test split; choose on a validation split (cifake_val or agiri_val)")
 
 
 class _Section(BaseModel):
@@ -76,21 +76,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, validate_default=True)
 
 
-def _axis(item: Any) -> Any:
-    """An axis of the grid: a list of `item`s (the training config's type for the field), each once."""
-    return Annotated[list[item], Field(min_length=1), Unique]
+T = TypeVar("T")
+Axis = Annotated[list[T], Field(min_length=1), Unique]
+"""An axis of the grid: a list of values of the training config's type for the field, each once."""
 
 
 class AblationSpace(_Section):
     """The grid's axes. An axis left out is the study's one value (`TrainConfig`'s default)."""
 
-    srm: _axis(Placement) = [TrainConfig.srm]
+    srm: Axis[Placement] = [TrainConfig.srm]
     """SRM placements (fakedet.models.PLACEMENTS): none = the study's base model, pool1 = its SRM model."""
-    epochs: _axis(PositiveInt) = [int(TrainConfig.epochs)]
+    epochs: Axis[PositiveInt] = [int(TrainConfig.epochs)]
     """Cell lengths; cells differing only here share one trajectory."""
-    lr: _axis(LearningRate) = [TrainConfig.lr]
+    lr: Axis[LearningRate] = [TrainConfig.lr]
     """Constant SGD learning rates."""
-    seeds: PositiveInt | _axis(Seed) = 1
+    seeds: PositiveInt | Axis[Seed] = 1
     """A count (seeds fixed.seed, fixed.seed + 1, ...) or an explicit list."""
 
     @property
@@ -104,7 +104,7 @@ class Sampler(_Section):
     loguniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
     uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
     randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
-    choice: _axis(Any) | None = None
+    choice: Axis[Any] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Sampler":
@@ -135,7 +135,7 @@ class Sampler(_Section):
 class Budget(_Section):
     dense_points: bool = True
     """Also evaluate at fractions of the first epoch and log-spaced epochs (the cutoff analysis)."""
-    eval_at: Annotated[list[PositiveFloat], Unique] = []
+    eval_at: Annotated[list[EvalPoint], Unique] = []
     """Extra evaluation points, in epochs."""
     cpus_per_trial: PositiveFloat = 1
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0.25
