@@ -35,7 +35,10 @@ _SHOWN.maxlevel = 3
 
 def shown(value: Any) -> str:
     """`repr(value)` cut short enough for a one-line error."""
-    return _SHOWN.repr(value)
+    try:
+        return _SHOWN.repr(value)
+    except ValueError:  # an int of more digits than Python turns into text
+        return f"<a {type(value).__name__} too long to show>"
 
 
 def clipped(name: str, limit: int = 60) -> str:

@@ -391,6 +391,8 @@ class Study:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise StudyError(f"{path}: not valid TOML: {e}") from None
+        except ValueError as e:  # an integer of more digits than Python reads
+            raise StudyError(f"{path}: not readable: {clipped(str(e), 120)}") from None
         except RecursionError:  # tomllib recurses once per nested array or inline table
             raise StudyError(f"{path}: tables or arrays nest too deep to read; a study needs at most 5") from None
         _check_nesting(raw, str(path))
