@@ -8,7 +8,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 from fakedet.config import TRAIN_FIELDS, TrainConfig
 from fakedet.sweep.plan import resolve_study
