@@ -188,7 +188,7 @@ def test_the_recorded_study_is_checked_by_the_schema():
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--srm", "none,pool9"], "[space] srm: unknown SRM placement"), (["--lr", "0"], "[space] lr.0: Input should be greater than 0"),
+    [(["--srm", "none,pool9"], "[space] srm.1: unknown SRM placement 'pool9'"), (["--lr", "0"], "[space] lr.0: Input should be greater than 0"),
      (["--epochs", "1,2.5"], "[space] epochs.1: Input should be a valid integer"),
      (["--epochs", "0"], "[space] epochs.0: Input should be greater than 0"),
      (["--eval-at", "7"], "beyond the longest cell"), (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),

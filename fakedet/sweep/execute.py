@@ -124,6 +124,8 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     Ray the plan started; returns what ended."""
     outage_s = request.tracking_outage
     cache, data_hash, splits = prepare_data(plan, request)
+    # the first moment the training set's size is known: a batch larger than it could only fail in every trial
+    plan.study.check_training_set(len(splits["cifake_train"]), f"--data {request.data} (cache {data_hash})")
     if meta and meta.get("data_hash") not in (None, data_hash) and not request.allow_data_change:
         raise ValueError(f"--resume: the data changed since sweep {plan.name} started (cache {meta['data_hash']} then, "
                          f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
