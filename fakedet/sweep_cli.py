@@ -161,20 +161,17 @@ def run_study(request: SweepRequest) -> int:
 
 
 def say_links(tracking) -> None:
-    """The MLflow links a sweep ends with: its runs (only this sweep's, in the model-training view), its
-    parent run (figures, analysis tables), its latest report page, and the cells side by side."""
-    from fakedet.results import analysis_versions
+    """The MLflow links a sweep ends with (the report's is above them, with the analysis): its runs (only
+    this sweep's, in the model-training view), its parent run (figures, analysis tables, report), and the
+    cells side by side."""
     from fakedet.sweep.store import compare_link, mlflow_ui_command, run_link, runs_link
 
     uri, exp, parent = tracking.uri, tracking.experiment_id, tracking.parent_run_id
-    client = tracking.client()
     cells = [r.info.run_id for r in sorted(tracking.cell_runs(), key=lambda r: r.info.run_name)]
-    versions = analysis_versions(client, parent)
     say(f"\nMLflow ({mlflow_ui_command(uri)}):\n"
         f"  runs:    {runs_link(uri, exp, tracking.sweep_name)}\n"
         f"  parent:  {run_link(uri, exp, parent)}\n"
-        + (f"  report:  {run_link(uri, exp, parent, versions[-1].report)}\n" if versions else "")
-        + f"  compare: {compare_link(uri, exp, cells)}")
+        f"  compare: {compare_link(uri, exp, cells)}")
 
 
 def resumed_study(request: SweepRequest, meta: dict[str, Any]) -> Study:
@@ -224,9 +221,11 @@ def cutoff_study(results, storage: str, tracking_uri: str) -> tuple[Study, str]:
             return study, f"recorded in {storage}/{results.name}"
     from mlflow.tracking import MlflowClient
 
+    from fakedet.results import no_progress_bar
+
     client = MlflowClient(tracking_uri)
     try:
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d, no_progress_bar():
             record = json.loads(Path(client.download_artifacts(results.parent_run_id, "analysis/run_record.json", d)).read_text())
     except Exception:  # noqa: BLE001 - no analysis logged yet: fall back to the parameters
         record = {}
