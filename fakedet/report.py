@@ -237,15 +237,20 @@ def _analysis_entry(results: SweepResults, study: Study, origin: AnalysisOrigin)
     return {"version": version.name, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sweep": results.name, "parent_run_id": results.parent_run_id, "command": origin.command,
             "study_source": study.source, "study_from": origin.study_from,
-            "study_changes": list(origin.study_changes), "statistics": study.statistics.model_dump(),
-            "cutoff": study.cutoff.model_dump(), "metrics": study.metrics.model_dump(),
-            "tables": version.tables, "figures": version.figures, "report": version.report,
+            "study_changes": list(origin.study_changes), "tables": version.tables, "figures": version.figures, "report": version.report,
             "reads": "the cell runs' final metrics and metric histories in MLflow; nothing is trained again"}
 
 
 def _log_report(results: SweepResults, tracking_uri: str) -> None:
-    """The analysis's report page, built from what was just logged (the same path `fakedet report` reads)."""
-    results.client.log_text(results.parent_run_id, render_report(results, tracking_uri), results.analysis.report)
+    """The analysis's report page, built from what was just logged (the same path `fakedet report` reads).
+    A page that fails is said and skipped, as a view is: the analysis itself is logged already."""
+    try:
+        page = render_report(results, tracking_uri)
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        say(f"report page not written ({type(e).__name__}: {e}); write it later with "
+            f"`fakedet report --sweep {results.name} --analysis {results.analysis.name}`")
+        return
+    results.client.log_text(results.parent_run_id, page, results.analysis.report)
 
 
 def _say_written(results: SweepResults, tracking_uri: str) -> None:
