@@ -329,12 +329,23 @@ pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
 """
 
 
-def _html_table(table: pd.DataFrame | None, missing: str) -> str:
+def _html_table(table: pd.DataFrame | None, missing: str, keep: tuple[str, ...] = ("rule", "srm", "epochs", "lr")) -> str:
+    """A table as HTML; a column with one value in every row (of two or more) is stated once above it
+    instead of repeated (`keep`: the columns that name a row stay)."""
     if table is None:
         return f"<p class='note'>{html.escape(missing)}</p>"
     if table.empty:
         return "<p class='note'>no rows</p>"
-    return "<div class='scroll'>" + table.to_html(index=False, na_rep="–", float_format=_fmt, border=0, escape=True) + "</div>"
+    constant = [c for c in table.columns if len(table) > 1 and c not in keep and table[c].astype(str).nunique() == 1]
+    stated = "; ".join(f"{c} = {_cell_text(table[c].iloc[0])}" for c in constant)
+    return ((f"<p class='note'>in every row: {html.escape(stated)}</p>" if stated else "") + "<div class='scroll'>"
+            + table.drop(columns=constant).to_html(index=False, na_rep="–", float_format=_fmt, border=0, escape=True) + "</div>")
+
+
+def _cell_text(value: Any) -> str:
+    if isinstance(value, float):
+        return "–" if not math.isfinite(value) else _fmt(value)
+    return str(value) if value != "" else "(empty)"
 
 
 def _figures(results: SweepResults) -> list[tuple[str, bytes]]:
