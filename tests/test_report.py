@@ -37,13 +37,13 @@ def smoke_study(**overrides) -> Study:
     return Study.load("ablation", preset="smoke", overrides={"statistics": {"n_boot": 200}, **overrides})
 
 
-def write_sweep(uri: str, name: str, seeds=(11, 12, 13), srms=("none", "pool1"), rng_seed=0) -> SweepTracking:
+def write_sweep(uri: str, name: str, seeds=(11, 12, 13), srms=("none", "pool1"), rng_seed=0, kind="ablation") -> SweepTracking:
     """A finished sweep's runs: a parent, and per trajectory (srm × seed) a 1- and a 2-epoch cell whose
     metric histories are the trajectory's points, values drawn at random (what is checked here is where
     the analysis goes, not what it says)."""
     rng = np.random.default_rng(rng_seed)
     study = smoke_study()
-    tracking = SweepTracking.open(uri, "ablation", name, {"kind": "ablation", "study": "ablation", "preset": "smoke",
+    tracking = SweepTracking.open(uri, kind, name, {"kind": kind, "study": kind, "preset": "smoke",
                                                           "cutoff_select_on": study.cutoff.select_on,
                                                           "cutoff_report": list(study.cutoff.report)}, {})
     client = tracking.client()
@@ -223,6 +223,15 @@ def test_the_store_is_found_from_the_repository_root_or_the_environment(tmp_path
     assert find_tracking_uri(tmp_path / "notebooks") == "http://a:5000"
     monkeypatch.setenv("FAKEDET_TRACKING_URI", "sqlite:////x/y.db")
     assert find_tracking_uri(tmp_path / "notebooks") == "sqlite:////x/y.db"
+
+
+def test_the_views_default_to_the_latest_ablation_never_a_later_hpo_sweep(store):
+    write_sweep(store, "abl", seeds=(11,), srms=("none",))
+    write_sweep(store, "hp", seeds=(11,), srms=("none",), kind="hpo")  # started after it
+    assert load_sweep(store).name == "hp"  # the most recent sweep of any kind
+    assert load_sweep(store, kind="ablation").name == "abl"
+    with pytest.raises(LookupError, match="no analysis v2; it has: none"):
+        load_sweep(store, "abl", analysis=AnalysisVersion(2))
 
 
 def test_analysis_versions_parse_as_a_user_names_them():
