@@ -152,7 +152,7 @@ def cutoff_comparison(results: SweepResults) -> pd.DataFrame:
 
 def _analysis_artifact(results: SweepResults, name: str) -> pd.DataFrame:
     try:
-        return results.artifact_table(results.parent_run_id, f"analysis/{name}")
+        return results.artifact_table(results.parent_run_id, results.analysis_file(name))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}. The sweep's analysis has not been logged; run "
                                 f"`python sweeps/run.py cutoff --sweep {results.name}` to create it") from None

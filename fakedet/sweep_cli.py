@@ -151,16 +151,27 @@ def run_study(request: SweepRequest) -> int:
         say(f"\nsweep interrupted ({outcome.ended_cells}/{plan.cell_count} cells ended). Resume with:\n  {resume_cmd}")
         return 130
     from fakedet.report import analyse_sweep
-    from fakedet.sweep.store import compare_link, runs_link
 
     status = analyse_sweep(tracking, plan.study, plan.cell_epochs, outcome.record)
     if outcome.failed_trials:
         say(f"{outcome.failed_trials} trial(s) failed; their cells are marked FAILED in MLflow")
     tracking.client().set_terminated(tracking.parent_run_id, "FAILED" if outcome.failed_trials else "FINISHED")
-    cells = [r.info.run_id for r in sorted(tracking.cell_runs(), key=lambda r: r.info.run_name)]
-    say(f"\nMLflow ({mlflow_ui_command(uri)}):\n  runs:    {runs_link(uri, tracking.experiment_id)}\n"
-        f"  compare: {compare_link(uri, tracking.experiment_id, cells)}")
+    say_links(tracking)
     return 1 if outcome.failed_trials or status else 0
+
+
+def say_links(tracking) -> None:
+    """The MLflow links a sweep ends with (the report's is above them, with the analysis): its runs (only
+    this sweep's, in the model-training view), its parent run (figures, analysis tables, report), and the
+    cells side by side."""
+    from fakedet.sweep.store import compare_link, mlflow_ui_command, run_link, runs_link
+
+    uri, exp, parent = tracking.uri, tracking.experiment_id, tracking.parent_run_id
+    cells = [r.info.run_id for r in sorted(tracking.cell_runs(), key=lambda r: r.info.run_name)]
+    say(f"\nMLflow ({mlflow_ui_command(uri)}):\n"
+        f"  runs:    {runs_link(uri, exp, tracking.sweep_name)}\n"
+        f"  parent:  {run_link(uri, exp, parent)}\n"
+        f"  compare: {compare_link(uri, exp, cells)}")
 
 
 def resumed_study(request: SweepRequest, meta: dict[str, Any]) -> Study:
@@ -210,9 +221,11 @@ def cutoff_study(results, storage: str, tracking_uri: str) -> tuple[Study, str]:
             return study, f"recorded in {storage}/{results.name}"
     from mlflow.tracking import MlflowClient
 
+    from fakedet.results import no_progress_bar
+
     client = MlflowClient(tracking_uri)
     try:
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d, no_progress_bar():
             record = json.loads(Path(client.download_artifacts(results.parent_run_id, "analysis/run_record.json", d)).read_text())
     except Exception:  # noqa: BLE001 - no analysis logged yet: fall back to the parameters
         record = {}
@@ -225,10 +238,12 @@ def cutoff_study(results, storage: str, tracking_uri: str) -> tuple[Study, str]:
 
 
 def run_cutoff(args: argparse.Namespace) -> int:
-    """Re-run the analysis of a finished sweep from what MLflow holds (the sweep's name or parent run id)."""
+    """Analyse a finished sweep again from what MLflow holds (the sweep's name or parent run id): a new
+    analysis beside the sweep's own (`analysis/v<N>/`), which stays as it was."""
     from fakedet.provenance import run_record
-    from fakedet.report import analyse_sweep
+    from fakedet.report import AnalysisOrigin, analyse_sweep
     from fakedet.results import load_sweep, SweepNotFoundError
+    from fakedet.sweep.plan import study_differences
     from fakedet.sweep.record import storage_root
     from fakedet.sweep.study import Study, StudyError
     from fakedet.sweep.store import SweepTracking, check_tracking_uri, default_tracking_uri
@@ -239,14 +254,21 @@ def run_cutoff(args: argparse.Namespace) -> int:
         results = load_sweep(uri, args.sweep)
     except (SweepNotFoundError, FileNotFoundError) as e:
         raise StudyError(str(e)) from None
+    recorded, where = cutoff_study(results, storage_root(args.storage_path), uri)
+    study, changes = recorded, []
     if args.study:
-        study, where = Study.load(args.study), "--study"
-    else:
-        study, where = cutoff_study(results, storage_root(args.storage_path), uri)
+        study = Study.load(args.study)
+        changes = study_differences(recorded, study)
+        where = f"--study {args.study}; the sweep's own was {where}"
     say(f"study: {study.source} ({where})")
+    if changes:
+        say("it differs from the study the sweep recorded:\n  " + "\n  ".join(changes))
     tracking = SweepTracking(uri, results.parent.info.experiment_id, results.parent_run_id, results.name)
     epochs = sorted(results.cells["cell_epochs"].unique()) if len(results.cells) else []
-    return analyse_sweep(tracking, study, epochs, run_record())
+    command = "sweeps/run.py cutoff --sweep " + args.sweep + (f" --study {args.study}" if args.study else "")
+    status = analyse_sweep(tracking, study, epochs, run_record(), AnalysisOrigin(command, where, tuple(changes)))
+    say_links(tracking)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

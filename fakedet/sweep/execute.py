@@ -157,7 +157,7 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     trainable = tune.with_resources(tune.with_parameters(run_trial, splits=splits, template=plan.template), resources)
 
     logger = MlflowCellCallback(tracking, plan.template, run_params, {"fakedet.study": plan.study.name}, outage_s=outage_s)
-    say(f"MLflow runs: {runs_link(tracking.uri, tracking.experiment_id)}")
+    say(f"MLflow runs: {runs_link(tracking.uri, tracking.experiment_id, plan.name)}")
     if plan.trials and not meta:
         planned = logger.plan_runs(list(plan.trials))
         say(f"MLflow compare: {compare_link(tracking.uri, tracking.experiment_id, planned)}")

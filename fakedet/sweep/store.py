@@ -55,9 +55,29 @@ def ui_base(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 
-def runs_link(uri: str, experiment_id: str) -> str:
-    """The experiment's runs table (MLflow 3 opens on its GenAI home; this is the table of the cells)."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs"
+def sweep_filter(sweep_name: str) -> str:
+    """The MLflow search filter that selects one sweep's runs (its parent and its cells): every run a sweep
+    creates carries its name in the `fakedet.sweep` tag."""
+    return f"tags.`{TAG_SWEEP}` = '{sweep_name}'"
+
+
+# MLflow 3 opens its GenAI view unless told the experiment is model training
+MODEL_TRAINING = {"workflowType": "machine_learning"}
+
+
+def runs_link(uri: str, experiment_id: str, sweep_name: str | None = None) -> str:
+    """The experiment's runs table, filtered to one sweep's runs when `sweep_name` is given (an experiment
+    holds every sweep of a study), in the model-training view."""
+    query = {"searchFilter": sweep_filter(sweep_name), **MODEL_TRAINING} if sweep_name is not None else MODEL_TRAINING
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """One run's page in the model-training view; with `artifact` (a path in the run's artifacts, e.g.
+    `report.html`), its artifacts tab opened on that file, which MLflow shows (an HTML page rendered)."""
+    page = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+    page += f"/artifacts/{urllib.parse.quote(artifact)}" if artifact else ""
+    return f"{page}?{urllib.parse.urlencode(MODEL_TRAINING)}"
 
 
 def compare_link(uri: str, experiment_id: str, run_ids: list[str]) -> str:
