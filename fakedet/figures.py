@@ -606,7 +606,8 @@ def cutoff_curves(results: SweepResults, metrics: Sequence[str] | None = None) -
             for r in RULE_MARKERS if r in chosen_on.index]))
     _figure_legend(fig, groups)
     n_traj = points["trajectory"].nunique()
-    markers = (f"markers: the point each rule chose in each of the {n_traj} trajectories, at that trajectory's value"
+    markers = (f"markers: the point each rule chose in each trajectory (n = {plural(n_traj, 'trajectory', 'trajectories')}), "
+               "at that trajectory's value"
                if len(choices) else "no cutoff analysis logged yet: rules not marked")
     fig.suptitle(f"{results.name}: metrics against training length\n{_replicates_note(every)}\n{markers}", fontsize=10)
     return fig
