@@ -493,6 +493,18 @@ def test_counts_are_singular_or_plural():
     assert figures.metric_label("cifake_val/loss") == "cifake_val/loss (BCE, nats per image)"
 
 
+def test_line_styles_follow_the_rate_rank_and_give_way_to_many_rates():
+    look = figures.Look((1e-4, 1e-3, 1e-2))
+    assert [look.dash(lr) for lr in (1e-4, 1e-3, 1e-2)] == ["-", "--", ":"]
+    many = figures.Look(tuple(np.geomspace(1e-4, 1e-1, 7)))  # an HPO sweep's sampled rates
+    assert {many.dash(lr) for lr in many.lrs} == {"-"}
+    (_, rates) = many.legend_groups(["none"])[1]
+    assert [h.get_label() for h in rates] == ["7 rates: all solid"]
+    # placements in registry order, whatever order a sweep lists them in
+    assert list(figures.PLACEMENT_COLOURS) == list(figures.PLACEMENTS)
+    assert figures.placement_colour("no-longer-registered") == figures.UNKNOWN_PLACEMENT_COLOUR
+
+
 def test_one_seed_gets_lines_without_bands(sweep):
     fig = figures.cutoff_curves(one_seed(sweep[0]))
     assert all(len(ax.collections) == 0 for ax in fig.get_axes())
