@@ -133,5 +133,5 @@ def write_cell_artifacts(out: Path, record: EvalRecord, eval_sets: dict[str, Ima
             table.to_csv(out / f"{name}_thresholds.csv", index=False)
             if name in ("cifake_test", "agiri_test"):
                 fig = plot_threshold_curves(table, f"{name}: srm={cfg.srm} lr={cfg.lr:g} epochs={fmt_epochs(cfg.epochs)}")
-                fig.savefig(out / f"{name}_thresholds.png", dpi=110, bbox_inches="tight")
+                fig.savefig(out / f"{name}_thresholds.png", dpi=110)  # constrained layout fits the legend: no second, "tight" draw
     (out / "metrics.json").write_text(json.dumps(record.metrics, indent=1))
