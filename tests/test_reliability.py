@@ -308,3 +308,77 @@ def test_a_tampered_resume_runs_nothing(tmp_path, monkeypatch):
     assert not marker.exists() and not ray.is_initialized()
     assert not any((tmp_path / "cache").iterdir())
     assert (exp / MANIFEST_FILE).is_file()
+
+
+# -- the CIFAR-100 unpickler admits no allocator ------------------------------------------------------
+CRAFT_META = r'''
+import pickle, sys
+import numpy as np
+from numpy._core.multiarray import _reconstruct, scalar
+from numpy._core.numeric import _frombuffer
+
+class Dtype:  # numpy.dtype(code) with a BUILD state of our choosing
+    def __init__(self, code, itemsize=-1, flags=0):
+        self.code, self.itemsize, self.flags = code, itemsize, flags
+    def __reduce__(self):
+        return np.dtype, (self.code, False, True), (3, "|", None, None, None, self.itemsize, 1, self.flags)
+
+class Call:
+    def __init__(self, f, *args):
+        self.f, self.args = f, args
+    def __reduce__(self):
+        return self.f, self.args
+
+class Array:  # numpy's own array pickle: empty, then BUILD with a state of our choosing
+    def __init__(self, state):
+        self.state = state
+    def __reduce__(self):
+        return _reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+GB4 = 1 << 32
+routes = {
+    # a void dtype resized by its BUILD to 4 GiB, then one zeroed scalar of it
+    "void scalar": Call(scalar, Dtype("V8", GB4)),
+    # a uint8 dtype flagged as holding objects: the array's bytes would be read as pointers
+    "object flag": Call(_frombuffer, b"\x01" * 8, Dtype("u8", -1, 63), (1,), "C"),
+    # an array of 2^20 void items resized to 4 GiB each, declared with the honest (0,) shape
+    "void array": Array((1, (1 << 20,), Dtype("V8", GB4), False, b"")),
+    "bytes dtype": Call(scalar, Call(np.dtype, "S1000000000")),
+}
+out = sys.argv[1]
+for name, route in routes.items():
+    blob = {b"fine_label_names": [b"apple"] * 100, b"coarse_label_names": [route] + [b"fish"] * 19}
+    raw = pickle.dumps(blob, protocol=2)
+    open(f"{out}/{name.replace(' ', '_')}.pkl", "wb").write(raw)
+    print(name, len(raw))
+'''
+
+READ_UNDER_LIMIT = r'''
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (768 << 20, 768 << 20))  # the reader needs about 40 MB
+from fakedet.data.cifar100 import safe_load
+from fakedet.data.errors import UnsafePickleError
+try:
+    safe_load(sys.argv[1])
+    print("LOADED")
+except UnsafePickleError as e:
+    print("REFUSED", e)
+except Exception as e:
+    print("FAILED", type(e).__name__, e)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the process that forked this one
+print("peak MB", next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) // 1024)
+'''
+
+
+def test_crafted_meta_files_are_refused_with_bounded_memory(tmp_path):
+    """A few hundred bytes of `meta` that would allocate gigabytes (or read bytes as pointers) through
+    numpy.dtype's BUILD: refused as unsafe, under a 768 MB address-space limit, before any allocation."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    made = subprocess.run([sys.executable, "-c", CRAFT_META, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert made.returncode == 0, made.stderr
+    sizes = dict(line.rsplit(" ", 1) for line in made.stdout.splitlines())
+    assert all(int(n) < 1000 for n in sizes.values()), sizes
+    for crafted in sorted(tmp_path.glob("*.pkl")):
+        proc = subprocess.run([sys.executable, "-c", READ_UNDER_LIMIT, str(crafted)], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0 and "REFUSED" in proc.stdout, f"{crafted.name}: {proc.returncode} {proc.stdout} {proc.stderr[-1000:]}"
+        assert int(proc.stdout.split("peak MB")[1]) < 200, proc.stdout
