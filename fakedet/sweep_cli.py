@@ -112,6 +112,9 @@ def run_study(request: SweepRequest) -> int:
         study = None
     else:
         study = resolve_study(request)
+        # the grid expanded (or the HPO template built) now, so that a study that cannot run is refused
+        # before the lock, the pre-flight or Ray touch anything; the plan builds them again, cheaply
+        study.trajectories() if request.kind == "ablation" else study.hpo_template()
         name = sweep_name(request, study)
     check_name("sweep name", name)
     with sweep_lock(storage, name):
