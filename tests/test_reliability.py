@@ -61,21 +61,20 @@ def test_a_killed_drivers_lock_is_not_stale(tmp_path):
         pass
 
 
-def test_resume_and_same_name_start_refused_while_a_driver_runs(tmp_path):
-    """As a user sees it: `--resume s1` and `--name s1` from another shell while s1's driver holds its lock."""
+def test_resume_and_same_name_start_refused_while_a_driver_runs(tmp_path, capsys):
+    """The command line while s1's driver holds its lock: `--resume s1` and `--name s1` each refused with
+    exit 71 and one line, before the cache, the tracking store or Ray are touched."""
     storage = tmp_path / "ray_results"
     (storage / "s1").mkdir(parents=True)
     (storage / "s1" / SWEEP_FILE).write_text(json.dumps({"kind": "ablation", "name": "s1"}))
-    base = [sys.executable, str(REPO / "sweeps" / "run.py"), "ablation", "--storage-path", str(storage),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--cache-root", str(tmp_path / "cache")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with sweep_lock(str(storage), "s1"):
+    base = ["ablation", "--storage-path", str(storage), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--cache-root", str(tmp_path / "cache")]
+    with sweep_lock(str(storage), "s1"):  # flock is per open file: a second one in this process is refused too
         for extra in (["--resume", "s1"], ["--smoke", "--name", "s1"]):
-            proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, env=env)
-            assert proc.returncode == Exit.SWEEP_LOCKED, proc.stdout[-2000:] + proc.stderr[-2000:]
-            lines = proc.stderr.strip().splitlines()
-            assert len(lines) == 1 and f"pid {os.getpid()} on {socket.gethostname()}" in lines[0], proc.stderr
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "mlflow.db").exists()  # refused before anything else
+            assert sweep_cli.main(base + extra) == Exit.SWEEP_LOCKED
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and f"pid {os.getpid()} on {socket.gethostname()}" in lines[0], lines
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 # -- every number and name checked -------------------------------------------------------------------

@@ -5,6 +5,7 @@ permission revoked mid-sweep stops the writer at once with the refusal's status 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -80,17 +81,20 @@ def test_a_wrong_password_is_refused_before_data_or_ray(server, tmp_path):
     ray_tmp = tmp_path / "ray"
     ray_tmp.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": "wrong"}
-    start = time.monotonic()
+    start, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "ablation", "--smoke", "--name", "auth1",
                            "--storage-path", str(tmp_path / "ray_results"), "--cache-root", str(tmp_path / "cache"),
                            "--tracking-uri", server, "--ray-temp-dir", str(ray_tmp)],
                           capture_output=True, text=True, timeout=300, env=env)
-    elapsed = time.monotonic() - start
+    elapsed, after = time.monotonic() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     assert proc.returncode == Exit.BAD_CREDENTIALS, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "HTTP 401" in proc.stderr and "MLFLOW_TRACKING_PASSWORD" in proc.stderr
     assert list((tmp_path / "cache").iterdir()) == [] and list(ray_tmp.iterdir()) == []  # no data prepared, no Ray
-    print(f"refused in {elapsed:.1f} s (process start to exit)")
-    assert elapsed < 10 or os.getloadavg()[0] > 2 * os.cpu_count(), f"{elapsed:.1f} s"  # the bound holds on an idle machine
+    # CPU seconds, not wall-clock: on a shared machine the wall-clock time is the load's; on an idle one
+    # the command (mostly imports: torch, MLflow, Ray Tune) takes about its CPU time
+    print(f"refused in {elapsed:.1f} s wall-clock, {cpu:.1f} CPU-s (process start to exit; load {os.getloadavg()[0]:.1f})")
+    assert cpu < 10, f"{cpu:.1f} CPU-s"
 
 
 def test_a_read_only_user_is_refused_before_anything_is_written(server, monkeypatch):
