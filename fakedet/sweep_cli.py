@@ -124,7 +124,6 @@ def run_study(request: SweepRequest) -> int:
 def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | None) -> int:
     from mlflow.tracking import MlflowClient
 
-    from fakedet.config import default_cache_root
     from fakedet.sweep.execute import ray_resources, run_sweep
     from fakedet.sweep.plan import build_plan
     from fakedet.sweep.preflight import answering_quickly, preflight

@@ -25,8 +25,8 @@ EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9/][A-Za-z0-9 ._:/+-]{0,199}")
 # a trial runs on one node, and the largest single hosts have a few hundred cores and 8-16 GPUs.
 MAX_CPUS = 1024
 MAX_GPUS_PER_TRIAL = 16
-MAX_CONCURRENT = 10_000      # trials at once: Ray's scheduler itself is tested to about this many actors
-MAX_BUNDLE = 1024            # trajectories fused into one step: far past a GPU's memory for the study's net
+MAX_CONCURRENT = 10_000      # trials at once: 25x a 100-GPU cluster running 4 trials per GPU
+MAX_BUNDLE = 1024            # trajectories fused into one step: 16x the study's default `max_bundle` (64)
 MAX_OUTAGE_S = 7 * 24 * 3600  # waiting longer than a week for a tracking server is a stuck sweep, not patience
 
 
@@ -39,8 +39,9 @@ def check_name(flag: str, value: str, pattern: re.Pattern = SWEEP_NAME) -> str:
     if not pattern.fullmatch(value):
         shown = value if len(value) <= 60 else value[:60] + f"... ({len(value)} characters)"
         limit = 100 if pattern is SWEEP_NAME else 200
-        allowed = "letters, digits and ._-" if pattern is SWEEP_NAME else "letters, digits, spaces and ._:/+-"
-        raise RequestError(f"{flag} {shown!r}: use {allowed}, starting with a letter or digit, at most {limit} characters")
+        allowed, first = ("letters, digits and ._-", "a letter or digit") if pattern is SWEEP_NAME else \
+            ("letters, digits, spaces and ._:/+-", "a letter, digit or /")
+        raise RequestError(f"{flag} {shown!r}: use {allowed}, starting with {first}, at most {limit} characters")
     return value
 
 
