@@ -124,8 +124,6 @@ def run_study(request: SweepRequest) -> int:
 def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | None) -> int:
     from mlflow.tracking import MlflowClient
 
-    from fakedet.sweep.execute import ray_resources, run_sweep
-    from fakedet.sweep.plan import build_plan
     from fakedet.sweep.preflight import answering_quickly, preflight
     from fakedet.sweep.record import read_sweep_file, recorded_choices, sweep_exists
     from fakedet.sweep.request import EXPERIMENT_NAME, check_name
@@ -156,6 +154,10 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
                 f"(to analyse it again: python sweeps/run.py cutoff --sweep {name} --tracking-uri {uri})")
             return 0
         check_restorable(storage, name, parent.data.tags, request.trust_changed_state)
+    # Ray, Optuna and the data layer load only now: a refused pre-flight answers without them
+    from fakedet.sweep.execute import ray_resources, run_sweep
+    from fakedet.sweep.plan import build_plan
+
     plan = build_plan(request, study, name, ray_resources(request), bundle=bundle)
     say(f"MLflow tracking: {uri} (experiment {experiment!r}); view it with: {mlflow_ui_command(uri)}")
     say(f"sweep {plan.name}: {plan.trajectory_count} trajectories, {plan.cell_count} cells, study {plan.study.source}"
