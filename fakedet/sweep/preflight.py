@@ -18,7 +18,6 @@ from pathlib import Path
 import pyarrow.fs
 from mlflow.tracking import MlflowClient
 
-from fakedet.console import say
 from fakedet.sweep.refusals import Exit, Refused
 from fakedet.sweep.store import check_tracking_uri, ensure_experiment, store_lock
 from fakedet.sweep.tags import TAG_KIND
@@ -117,5 +116,4 @@ def preflight(tracking_uri: str, experiment: str, storage: str, cache_root: str,
     check_writable(storage, "Ray storage path (--storage-path)", Exit.STORAGE_READONLY)
     if needs_cache:
         check_writable(cache_root, "prepared-data cache (--cache-root)", Exit.CACHE_READONLY)
-    check_tracking(tracking_uri, experiment)
-    say(f"pre-flight: tracking store {tracking_uri} accepts runs in {experiment!r}; {storage} and the cache are writable")
+    check_tracking(tracking_uri, experiment)  # silent when all is well: the sweep's first line names the store
