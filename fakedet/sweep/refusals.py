@@ -12,7 +12,7 @@ class Exit(IntEnum):
     OK = 0
     FAILED_TRIALS = 1      # the sweep ran; some trials failed, or the analysis reported a problem
     BAD_REQUEST = 2        # a flag, name or study value is wrong (argparse's own status for usage errors)
-    UNTRUSTED_STATE = 65   # EX_DATAERR: the saved experiment state is writable by others or changed since its last clean stop
+    UNTRUSTED_STATE = 65   # EX_DATAERR: the saved experiment state is writable by others, changed since its last stop, or missing
     BAD_CREDENTIALS = 67   # EX_NOUSER: the tracking server refused the credentials (HTTP 401)
     TRACKING_DOWN = 69     # EX_UNAVAILABLE: the tracking store cannot be reached at start
     SWEEP_LOCKED = 71      # another driver holds this sweep's lock
