@@ -207,7 +207,7 @@ def test_bad_input_exits_2_as_a_user_sees_it(workspace, tmp_path, run):
     proc = run(args, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "nonexistent" in proc.stderr
-    assert not (tmp_path / "ray_results").exists()  # nothing was scheduled
+    assert not (tmp_path / "ray_results" / "bad").exists()  # nothing was scheduled (the folder holds only the sweep's lock)
 
 
 @pytest.mark.slow

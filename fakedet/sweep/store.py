@@ -95,6 +95,24 @@ def store_lock(uri: str) -> FileLock | None:
     return FileLock(uri[len("sqlite:///"):] + ".lock")
 
 
+def ensure_experiment(client: MlflowClient, uri: str, experiment: str) -> str:
+    """The id of experiment `experiment`, created where it does not exist yet."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Absolute, so that every process (Ray workers change directory) writes to the same place.
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=artifact_location)
+    except Exception:  # two sweeps starting at once: the other one created it first
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 @dataclass
 class SweepTracking:
     """The tracking store, experiment and parent run of one sweep."""
@@ -113,15 +131,7 @@ class SweepTracking:
             with lock:  # the first client to touch a new SQLite file creates its schema
                 MlflowClient(uri).search_experiments(max_results=1)
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_location = None
-            if uri.startswith("sqlite:///"):
-                # Absolute, so that every process (Ray workers change directory) writes to the same place.
-                artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
-        else:
-            experiment_id = exp.experiment_id
+        experiment_id = ensure_experiment(client, uri, experiment)
         if parent_run_id is None:
             run = client.create_run(experiment_id, run_name=sweep_name, tags={TAG_SWEEP: sweep_name, TAG_KIND: "sweep", **tags})
             parent_run_id = run.info.run_id
