@@ -121,7 +121,9 @@ class TrainConfig:
     """Epochs (fractions allowed, e.g. 0.05, 0.25, 1, 10) at which every evaluation set is scored.
     The end of training is always an evaluation point."""
     eval_batch_size: EvalBatchSize = 1024
-    """Images per forward pass during evaluation; no effect on results."""
+    """Images per forward pass during evaluation. On the CPU 256 to 1024 are equally fast (channels_last
+    evaluation, benchmarks/bench_eval.py); another size may change a logit in its last bits (oneDNN
+    blocks the batch), never a training step."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
     deterministic: bool = False

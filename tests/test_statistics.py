@@ -221,6 +221,40 @@ def test_pooled_bootstrap_groups_unequal_resamples_bit_identically():
         np.testing.assert_array_equal(data.many(rows, method), one_by_one)
 
 
+def test_vectorised_resamples_equal_the_one_at_a_time_reference_bit_for_bit():
+    """Blocks of 1, 2 and 3 cells (cells missing at random): `correlations` (one flat layout, one call per
+    resample size) gives exactly what one `correlate` call per resample gives, and what `many(rows)` gives."""
+    rng = np.random.default_rng(11)
+    cells = cells_table(rng.normal(size=(9, 3)), np.round(rng.normal(size=(9, 3)), 1))  # ties for the ranks
+    cells = cells.drop(index=[0, 1, 5, 10, 14, 22]).reset_index(drop=True)
+    data = Clusters(cells, X, Y, "cell_epochs")
+    assert sorted({len(b) for b in data.blocks}) == [1, 2, 3]
+    picks = rng.integers(0, len(data.blocks), size=(500, len(data.blocks)))
+    rows = data.rows(picks)
+    for method in ("pearson", "spearman", "kendall"):
+        one_by_one = np.array([correlate(data.x[r], data.y[r], method) for r in rows])
+        fast = data.correlations(picks, method)
+        np.testing.assert_array_equal(fast, one_by_one)
+        np.testing.assert_array_equal(fast, data.many(rows, method))
+
+
+def test_pooled_intervals_unchanged_by_the_vectorised_resamples(monkeypatch):
+    """The whole table, with unequal blocks in `pooled|trained`: the intervals are equal (==) to those
+    of the one-resample-at-a-time reference."""
+    rng = np.random.default_rng(12)
+    cells = cells_table(rng.normal(size=(8, 3)), rng.normal(size=(8, 3)))
+    cells["cifake_val/auc"] = rng.uniform(0.5, 1.0, len(cells))
+    kw = dict(trained_threshold=0.7, n_boot=200, seed=3)
+    per_trajectory = cells[cells["cifake_val/auc"] >= 0.7].groupby("trajectory").size()
+    assert per_trajectory.nunique() > 1  # unequal blocks: the vectorised path is the one exercised
+    fast = correlation_table(cells, None, [X], [Y], **kw)
+    monkeypatch.setattr(Clusters, "correlations", lambda self, picks, method: self.many(self.rows(picks), method))
+    reference = correlation_table(cells, None, [X], [Y], **kw)
+    trained = fast["scope"] == "pooled|trained"
+    assert trained.sum() == 3 and np.isfinite(fast.loc[trained, "ci_low"].astype(float)).all()
+    pd.testing.assert_frame_equal(fast, reference, check_exact=True)
+
+
 def test_one_row_per_cell_is_required():
     cells = cells_table(np.zeros((3, 2)), np.zeros((3, 2)), epochs=(1, 1))
     with pytest.raises(ValueError, match="one row per cell"):

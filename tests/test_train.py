@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from fakedet.config import TrainConfig, dense_eval_points
-from fakedet.preprocess import algorithms, ieee_float32, preprocess
-from fakedet.train import BatchSchedule, eval_steps, train
+from fakedet.models import load_reference_checkpoint
+from fakedet.preprocess import algorithms, ieee_float32, predict_logits, preprocess, uint8_tensor
+from fakedet.train import BatchSchedule, eval_logits, eval_steps, train
+from test_reference_checkpoints import CHECKPOINTS, REFERENCE, decode, image_files, reference_proba  # noqa: F401
 
 
 def curves(history):
@@ -256,3 +258,42 @@ def test_a_learning_rate_far_too_high_diverges_without_an_exception(toy):
     result = train(cfg, toy(64, 0), {"cifake_test": toy(32, 1)})
     assert result.diverged and result.history[-1]["diverged"] and result.final["epoch"] < 20
     assert not any(h["diverged"] for h in result.history[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation: a channels_last copy of the model (fakedet.train.eval_logits), the training weights untouched
+def test_evaluation_copy_leaves_the_training_model_alone_and_agrees_with_the_nchw_path(toy):
+    model = train(small_cfg(srm="pool1", epochs=4, lr=1e-2), toy(256, 0)).model  # |logit| up to ~8
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = uint8_tensor(toy(300, 1).images)
+    logits = eval_logits(model, images, 256, torch.device("cpu"))
+    assert model.training  # still in train mode, weights bit for bit, layout as trained
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous(), k
+    nchw = predict_logits(model, images, 1024, "cpu")  # the path before the copy, at the old batch size
+    assert logits.dtype == np.float32 and logits.shape == (300,) and np.abs(nchw).max() > 1
+    np.testing.assert_allclose(logits, nchw, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(eval_logits(model, images, 256, torch.device("cpu")), logits)  # repeatable
+    for batch in (1, 7, 1024):  # oneDNN blocks the batch: other sizes agree to rounding, not to the bit
+        np.testing.assert_allclose(eval_logits(model, images, batch, torch.device("cpu")), logits, rtol=0, atol=1e-5)
+    assert eval_logits(model, images[:0], 256, torch.device("cpu")).shape == (0,)
+
+
+def test_training_history_uses_the_evaluation_copy(toy):
+    data, test = toy(96, 0), toy(50, 1, "cifake_test")
+    seen = []
+    result = train(small_cfg(epochs=1), data, {"cifake_test": test},
+                   on_eval=lambda record, snapshot: seen.append(record.logits["cifake_test"]))  # fmt: skip
+    expected = eval_logits(result.model, uint8_tensor(test.images), small_cfg().eval_batch_size, torch.device("cpu"))
+    np.testing.assert_array_equal(seen[-1], expected)
+
+
+@pytest.mark.skipif(not all((REFERENCE / name).is_file() for name, _ in CHECKPOINTS),
+                    reason=f"the study's checkpoints are not at {REFERENCE} (set FAKEDET_REFERENCE_DIR)")  # fmt: skip
+@pytest.mark.parametrize("name,srm", CHECKPOINTS)
+def test_evaluation_copy_reproduces_the_reference_checkpoints(name, srm, image_files):  # noqa: F811
+    decoded = uint8_tensor(np.stack([decode(p) for p in image_files]))
+    logits = eval_logits(load_reference_checkpoint(REFERENCE / name, srm), decoded, 256, torch.device("cpu"))
+    np.testing.assert_allclose(torch.sigmoid(torch.from_numpy(logits)).numpy(), reference_proba(name, srm, image_files),
+                               rtol=0, atol=1e-5)  # fmt: skip

@@ -116,18 +116,25 @@ class Clusters:
         self.y = frame[y].to_numpy(float)
         codes, self.trajectories = pd.factorize(frame["trajectory"], sort=False)
         self.blocks = [np.flatnonzero(codes == i) for i in range(len(self.trajectories))]
+        # the blocks laid end to end, with each one's length and first position there (`correlations`)
+        self._lengths = np.array([len(b) for b in self.blocks])
+        self._order = np.concatenate(self.blocks) if self.blocks else np.zeros(0, int)
+        self._first = np.cumsum(self._lengths) - self._lengths
+        equal = len(self.blocks) and (self._lengths == self._lengths[0]).all()
+        self._rectangle = np.stack(self.blocks) if equal else None
 
     def rows(self, picks: np.ndarray) -> list[np.ndarray] | np.ndarray:
-        """Row indices of each resample's blocks (picks: B × k block numbers); rectangular if possible."""
+        """Row indices of each resample's blocks (picks: B × k block numbers); rectangular if possible.
+        With `many`, the one-resample-at-a-time reference that `correlations` must equal bit for bit."""
         sizes = np.array([len(b) for b in self.blocks])
         if (sizes == sizes[0]).all():
             return np.stack(self.blocks)[picks].reshape(len(picks), -1)
         return [np.concatenate([self.blocks[j] for j in p]) for p in picks]
 
     def many(self, rows, method: str) -> np.ndarray:
-        """The correlation of each resample. Unequal blocks give resamples of unequal size: those of one
-        size are stacked and correlated in one call (bit-identical to one call per resample, which took
-        ~75,000 calls per sweep before)."""
+        """The correlation of each resample of `rows`; those of one size are stacked and correlated in one
+        call (bit-identical to one call per resample: each row's reductions see the same values in the
+        same order)."""
         if isinstance(rows, np.ndarray):
             return correlate(self.x[rows], self.y[rows], method)
         sizes = np.array([len(r) for r in rows])
@@ -138,6 +145,33 @@ class Clusters:
             out[at] = correlate(self.x[idx], self.y[idx], method)
         return out
 
+    def correlations(self, picks: np.ndarray, method: str) -> np.ndarray:
+        """The correlation of each resample (picks: B × k block numbers) without a Python loop over
+        resamples: every resample's row indices are laid out in one flat array (its blocks in pick
+        order, as `rows` concatenates them), then the resamples of one total size are gathered as one
+        rectangle and correlated in one call. Equal to `many(rows(picks))` bit for bit (tests); on the
+        main job's unequal blocks 1.5-2.2× less CPU time than `many(rows(picks))` and 14-17× less than one
+        `correlate` call per resample (benchmarks/bench_statistics.py)."""
+        picks = np.asarray(picks)
+        if self._rectangle is not None:  # equal blocks: every resample the same size, one gather
+            idx = self._rectangle[picks].reshape(len(picks), -1)
+            return correlate(self.x[idx], self.y[idx], method)
+        lengths = self._lengths[picks]  # B × k
+        totals = lengths.sum(axis=1)
+        # pick (b, i) contributes block j = picks[b, i], i.e. _order[_first[j] : _first[j] + _lengths[j]],
+        # placed right after the picks before it; resample b is then one contiguous run of totals[b] rows
+        flat_len = lengths.ravel()
+        pick_start = np.cumsum(flat_len) - flat_len  # where each pick's rows start in the flat array
+        within = np.arange(flat_len.sum()) - np.repeat(pick_start, flat_len)
+        flat = self._order[np.repeat(self._first[picks.ravel()], flat_len) + within]
+        resample_start = np.cumsum(totals) - totals
+        out = np.empty(len(picks))
+        for size in np.unique(totals):
+            at = np.flatnonzero(totals == size)
+            idx = flat[resample_start[at, None] + np.arange(size)]
+            out[at] = correlate(self.x[idx], self.y[idx], method)
+        return out
+
     def ci(self, method: str, n_boot: int, rng: np.random.Generator, confidence: float) -> tuple[float, float, str]:
         """Cluster bootstrap interval: the correlation over the values of k trajectories drawn with
         replacement (scipy.stats.bootstrap over trajectory numbers, BCa: its jackknife, too, leaves out
@@ -145,7 +179,7 @@ class Clusters:
 
         def statistic(picks: np.ndarray, axis: int = -1) -> np.ndarray:
             flat = picks.reshape(-1, picks.shape[-1])
-            return self.many(self.rows(flat), method).reshape(picks.shape[:-1])
+            return self.correlations(flat, method).reshape(picks.shape[:-1])
 
         return bootstrap_ci((np.arange(len(self.blocks)),), statistic, n_boot, rng, confidence)
 
