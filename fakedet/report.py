@@ -170,12 +170,14 @@ def exploratory_text(corr: pd.DataFrame) -> str:
 
 def variance_text(variance: pd.DataFrame) -> str:
     """Each factor's eta squared per metric (`analysis.variance_decomposition` rows with a `metric`)."""
+    title = ("\nshare of each transfer metric's variance across cells (eta squared, main-effects ANOVA; a description "
+             "of this grid, no p-values: cells of a trajectory are nested)")
+    if not variance["eta_sq"].astype(float).notna().any():
+        return wrap(f"{title}: not computable ({'; '.join(dict.fromkeys(n for n in variance['note'] if n))})")
     shares = variance.pivot_table(index="metric", columns="factor", values="eta_sq", sort=False, dropna=False)
     shares.columns.name = None
     single = [f for f in shares.columns if variance.loc[variance["factor"] == f, "note"].eq("one level: dropped").all()]
-    title = ("\nshare of each transfer metric's variance across cells (eta squared, main-effects ANOVA; a description "
-             "of this grid, no p-values: cells of a trajectory are nested)"
-             + (f"; one level here, not in the model: {', '.join(single)}" if single else "") + ":")
+    title += (f"; one level here, not in the model: {', '.join(single)}" if single else "") + ":"
     return text_table(shares.drop(columns=single).reset_index(), title, keys=["metric"], floats="{:.3f}".format)
 
 

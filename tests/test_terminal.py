@@ -97,6 +97,14 @@ def test_a_constant_column_is_said_once_above_its_rows():
     assert sum(line.startswith(("none", "pool1")) for line in lines) == 4
 
 
+def test_a_variance_table_without_a_share_says_why_in_one_line():
+    points, cells = sweep_tables(srm=("none",), lrs=(1e-2, 1e-3), seeds=1, cells=(1,))  # 2 cells, 2 parameters
+    variance = analysis.variance_decomposition(cells, "agiri_test/acc", ["srm", "lr"]).assign(metric="agiri_test/acc")
+    text = report.variance_text(variance)
+    assert text.strip().splitlines()[-1].endswith("no residual left: add seeds or cells)") and "not computable" in text
+    assert "Empty DataFrame" not in text and all(len(line) <= WIDTH for line in text.splitlines())
+
+
 def test_long_notes_become_marks_said_once_below():
     frame = pd.DataFrame({"rule": ["a", "b", "c", "d"], "mean": [0.5, 0.25, np.nan, 1.0],
                           "note": ["all 6 differences equal (+0.0000): no interval"] * 2 + ["", "fewer than 2 trajectories"]})

@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from fakedet.config import default_cache_root
-from fakedet.console import say
+from fakedet.console import say, wrap
 from fakedet.data import cache_hash, load_splits, resolve_data
 from fakedet.provenance import run_record
 from fakedet.sweep.plan import SweepPlan, trial_resources
@@ -53,8 +53,8 @@ def prepare_data(plan: SweepPlan, request: SweepRequest) -> tuple[Path, str, dic
     cache = resolve_data(request.data, request.cache_root or default_cache_root(), size=size, variant=variant)
     data_hash = cache_hash(cache)
     splits = load_splits(cache)
-    say(f"data: {request.data} ({f'{size}, {variant}' if request.data == 'synthetic' else cache}), cache {data_hash}; "
-        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    say(wrap(f"data: {request.data} ({f'{size}, {variant}' if request.data == 'synthetic' else cache}), cache {data_hash}; "
+             + ", ".join(f"{k} {len(v)}" for k, v in splits.items())))
     return cache, data_hash, splits
 
 
