@@ -18,6 +18,9 @@ pytestmark = pytest.mark.slow  # reads the shared smoke sweep (about two minutes
 
 
 SMOKE_GRID = {("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
+SMOKE_SEEDS = (11, 12, 13)  # the smoke preset's 3 seeds (sweeps/ablation.toml)
+SMOKE_TRAJECTORIES = {f"{srm} lr=0.01 seed={seed}" for srm in ("none", "pool1") for seed in SMOKE_SEEDS}
+N_CELLS = len(SMOKE_GRID) * len(SMOKE_SEEDS)
 
 
 def store(ws) -> str:
@@ -42,10 +45,10 @@ def download_csv(client, run_id: str, name: str, **kw) -> pd.DataFrame:
 def test_load_sweep_reads_the_named_sweep(smoke):
     results, c, parent, children = smoke
     assert results.parent_run_id == parent.info.run_id and results.name == "smoke1"
-    assert len(results.cells) == 4 and set(results.cells["run_id"]) == set(children)
+    assert len(results.cells) == N_CELLS and set(results.cells["run_id"]) == set(children)
     assert {(r.srm, r.cell_epochs) for r in results.cells.itertuples()} == SMOKE_GRID
     # points: the 2-epoch trajectories' histories, at 0.5, 1 and 2 epochs
-    assert results.points["trajectory"].nunique() == 2
+    assert results.points["trajectory"].nunique() == len(SMOKE_TRAJECTORIES)
     assert sorted(results.points["epoch"].round(3).unique()) == [0.5, 1.0, 2.0]
 
 
@@ -56,7 +59,7 @@ def test_list_sweeps_and_load_by_parent_id(workspace, smoke):
     sweeps = list_sweeps(store(workspace))
     assert list(sweeps.columns) == ["name", "kind", "parent_run_id", "experiment_id", "status", "start_time", "cells"]
     row = sweeps[sweeps["name"] == "smoke1"].iloc[0]
-    assert (row.parent_run_id, row.status, row.cells, row.kind) == (parent.info.run_id, "FINISHED", 4, "ablation")
+    assert (row.parent_run_id, row.status, row.cells, row.kind) == (parent.info.run_id, "FINISHED", N_CELLS, "ablation")
     assert sweeps["start_time"].is_monotonic_decreasing
     assert load_sweep(store(workspace), parent.info.run_id).parent_run_id == parent.info.run_id
 
@@ -113,7 +116,7 @@ def test_tables_2_and_4_are_the_cells_final_metrics(smoke, view, dataset):
 
     results, c, parent, children = smoke
     table = getattr(figures, view)(results)
-    assert len(table) == 4
+    assert len(table) == N_CELLS
     assert list(table.columns[:4]) == ["srm", "epochs", "lr", "seed"]
     assert {(r.srm, r.epochs) for r in table.itertuples()} == SMOKE_GRID
     for row in table.to_dict("records"):
@@ -143,7 +146,7 @@ def test_table3_best_and_worst_classes_agree_with_the_run_metrics(smoke):
 
     results, c, parent, children = smoke
     table = figures.table3(results)
-    assert len(table) == 8
+    assert len(table) == 2 * N_CELLS
     assert list(table.columns) == ["srm", "epochs", "lr", "seed", "real_recall", "rank", "coarse_recall", "coarse_class",
                                    "fine_recall", "fine_class", "run_id"]
     for run_id, rows in table.groupby("run_id"):
@@ -175,12 +178,12 @@ def test_figure4_is_the_first_epoch_of_each_trajectory(smoke):
     assert isinstance(fig, Figure)
     axes = fig.get_axes()
     assert [ax.get_title() for ax in axes] == ["cifake_val/acc", "cifake_val/loss", "train/loss"]
-    longest = {r.data.params["srm"]: r for r in children.values() if float(r.data.params["epochs"]) == 2}
+    longest = {r.data.tags["fakedet.trajectory"]: r for r in children.values() if float(r.data.params["epochs"]) == 2}
     for ax in axes:
         lines = lines_by_label(ax)
-        assert set(lines) == {"none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"}  # trajectories named `srm lr seed`
+        assert set(lines) == SMOKE_TRAJECTORIES  # trajectories named `srm lr seed`
         for label, (x, y) in lines.items():
-            run = longest[label.split()[0]]
+            run = longest[label]
             history = sorted(c.get_metric_history(run.info.run_id, ax.get_title()), key=lambda m: m.step)
             epochs = sorted(c.get_metric_history(run.info.run_id, "epoch"), key=lambda m: m.step)
             expected = [(e.value, h.value) for e, h in zip(epochs, history) if e.value <= 1]
@@ -223,7 +226,7 @@ def test_transfer_scatter_has_one_marker_per_cell(smoke):
     assert fig.canvas.manager is None and plt.get_fignums() == before  # a bare Figure: no double display, no leak
     ax = fig.get_axes()[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("cifake_test/acc", "agiri_test/auc")
-    assert "4 cells of 2 trajectories" in ax.get_title()
+    assert f"{N_CELLS} cells of {len(SMOKE_TRAJECTORIES)} trajectories" in ax.get_title()
     shown = sorted(tuple(p) for coll in ax.collections for p in np.asarray(coll.get_offsets(), float))
     expected = sorted((r.data.metrics["cifake_test/acc"], r.data.metrics["agiri_test/auc"]) for r in children.values())
     # one (x, y) marker per cell; compared as an n x 2 array (pytest.approx refuses nested sequences since pytest 9)
@@ -241,13 +244,13 @@ def test_cutoff_curves_and_analysis_tables(smoke):
     fig = figures.cutoff_curves(results)
     assert [ax.get_title() for ax in fig.get_axes()] == figures.cutoff_metrics(results)
     # legends name trajectories as people do, not by Ray trial ids
-    assert sorted(t.get_text() for t in fig.get_axes()[-1].get_legend().get_texts()) == ["none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"]
+    assert sorted(t.get_text() for t in fig.get_axes()[-1].get_legend().get_texts()) == sorted(SMOKE_TRAJECTORIES)
     assert figures.cutoff_metrics(results) == ["agiri_test/auc", "agiri_val/auc", "cifake_test/acc", "cifake_val/loss"]
     corr = figures.correlation_table(results)
     assert {"pearson", "spearman", "kendall"} == set(corr["method"].dropna())  # along-training changes have none
     assert {"along_training", "across_models", "across_seeds", "pooled"} <= set(corr["scope"])
     pooled = figures.correlation_table(results, "spearman", "pooled")
-    assert (pooled["n_models"] == 4).all() and (pooled["n_trajectories"] == 2).all()
+    assert (pooled["n_models"] == N_CELLS).all() and (pooled["n_trajectories"] == len(SMOKE_TRAJECTORIES)).all()
     # the logged table is what the analysis computes from the cells the views show (same seed: same resamples)
     again = analysis.correlation_table(results.finished_cells(), results.points, ["cifake_test/acc"], ["agiri_test/auc"],
                                        methods=("spearman",), n_boot=1000, seed=0, trained_threshold=0.75)
@@ -260,7 +263,7 @@ def test_cutoff_curves_and_analysis_tables(smoke):
     one_epoch = [r.data.metrics["cifake_test/acc"] for r in children.values() if float(r.data.params["epochs"]) == 1]
     assert fixed_1["cifake_test/acc_mean"] == pytest.approx(np.mean(one_epoch))
     seeds = figures.cells_summary(results)
-    assert (seeds["n_seeds"] == 1).all() and len(seeds) == 4
+    assert (seeds["n_seeds"] == len(SMOKE_SEEDS)).all() and len(seeds) == len(SMOKE_GRID)
     assert set(figures.cutoff_comparison(results)["rule"]) >= {"transfer_val"}
 
 
@@ -281,7 +284,7 @@ def test_log_figures_puts_every_view_on_the_parent_run(smoke):
                 assert data.startswith(b"\x89PNG") and len(data) > 5000, name
         table2 = pd.read_csv(folder / "table2_cifake_test.csv")
         pd.testing.assert_frame_equal(table2, figures.table2(results), check_dtype=False)
-        assert len(pd.read_csv(folder / "table3_cifar100_best_worst.csv")) == 8
+        assert len(pd.read_csv(folder / "table3_cifar100_best_worst.csv")) == 2 * N_CELLS
 
 
 def test_log_figures_reports_a_failing_view_and_logs_the_rest(smoke, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ class StandinSize:
 
 
 # Image counts per class (CIFAR-100: per fine class). `tiny` runs the whole pipeline in seconds in
-# tests; `small` feeds the --smoke sweep preset (~2 min on 2 cores); `default` is sized so the
+# tests; `small` feeds the --smoke sweep preset (~80 s on 2 cores); `default` is sized so the
 # README's ablation (3 SRM placements × 3 learning rates × up to 100 epochs) fits ~10 min on 2 cores.
 SIZES: dict[str, StandinSize] = {
     "tiny": StandinSize(
