@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 from mlflow.entities import Metric
 
-from fakedet.console import say
+from fakedet.console import say, table as text_table, wrap
 from fakedet import analysis
 from fakedet.figures import VIEWS, log_figures
 from fakedet.results import SweepResults, next_analysis, no_progress_bar, points_from_mlflow
@@ -74,17 +74,12 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
 
     # 1. each cell condition over its seeds
     summary = analysis.cells_summary(finished, list(dict.fromkeys([*SUMMARY_COLUMNS, *intrinsic, *transfer, *cut.report])))
-    table = summary[["srm", "cell_epochs", "lr", "n_seeds"]].copy()
-    table["cell_epochs"] = table["cell_epochs"].map(plain_number)
-    for m in shown_metrics:
-        table[m] = [_mean_std(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
     n_traj = finished["trajectory"].nunique()
-    say(f"\ncells: mean ± std over seeds (unit: model; n_seeds per row; {len(finished)} models in {n_traj} trajectories):")
-    say(table.rename(columns={"cell_epochs": "epochs"}).to_string(index=False))
+    say(cells_text(summary, shown_metrics, len(finished), n_traj))
     diverged = cells[cells["diverged"].astype(bool)] if "diverged" in cells else cells.iloc[0:0]
     if len(diverged):
-        say(f"\ndiverged (training went non-finite; ended, not retried): {diverged['trajectory'].nunique()} trajectories, "
-            f"{len(diverged)} cells: " + ", ".join(sorted(diverged["trajectory"].unique())))
+        say(wrap(f"\ndiverged (training went non-finite; ended, not retried): {diverged['trajectory'].nunique()} "
+                 f"trajectories, {len(diverged)} cells: " + ", ".join(sorted(diverged["trajectory"].unique()))))
 
     if finished.empty:
         say("no cell finished: nothing to correlate or cut off")
@@ -103,19 +98,16 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     headlines = analysis.primary_rows(corr)
     say("\nheadlines (pre-registered in [statistics.primary]; unit: trajectory; p Holm-adjusted over these):")
     for row in headlines.to_dict("records"):
-        say(f"headline: {analysis.headline(row)}")
+        say(wrap(f"headline: {analysis.headline(row)}"))
         metrics.update(_headline_metrics(row["scope"], row))
-    say(_exploratory(corr))
+    say(exploratory_text(corr))
 
     # 3. which factor matters
     factors = [f for f in ("srm", "cell_epochs", "lr", "seed", "momentum", "batch_size") if f in finished]
     variance = pd.concat([analysis.variance_decomposition(finished, m, factors).assign(metric=m)
                           for m in transfer if m in finished], ignore_index=True) if len(finished) else pd.DataFrame()
     if len(variance):
-        shares = variance.pivot_table(index="metric", columns="factor", values="eta_sq", sort=False)
-        say("\nshare of each transfer metric's variance across cells (eta squared, main-effects ANOVA; a description of "
-            "this grid, no p-values: cells of a trajectory are nested):")
-        say(shares.to_string(float_format=lambda v: f"{v:.3f}"))
+        say(variance_text(variance))
         for row in variance.dropna(subset=["eta_sq"]).itertuples():
             metrics[f"variance/{row.metric.replace('/', '_')}/{row.factor}"] = float(row.eta_sq)
 
@@ -127,14 +119,12 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     comparison = analysis.rule_comparison(cutoffs, cut.report[0], baseline="intrinsic_val_loss",
                                           confidence=opts.confidence, strata=opts.cutoff_strata or None,
                                           primary=primary.rule)
-    say(f"\ncutoffs: mean and std over the same {int(cut_summary['n'].max()) if len(cut_summary) else 0} trajectories "
-        f"(unit: trajectory; transfer_val is chosen on {cut.select_on}, never on a test split; oracle_test is a reference, not a rule):")
-    say(cut_summary.to_string(index=False, float_format=_fmt))
+    say(cutoff_text(cut_summary, cut.select_on))
     first = comparison[comparison["role"] == "primary"]
     if len(first):
-        say(f"\nheadline: {analysis.comparison_headline(first.iloc[0])}")
+        say(wrap(f"\nheadline: {analysis.comparison_headline(first.iloc[0])}"))
         metrics.update(_headline_metrics("cutoff", {**first.iloc[0].to_dict(), "statistic": first.iloc[0]["mean_diff"]}))
-    say(_comparison_table(comparison, cut.report[0]))
+    say(comparison_text(comparison, cut.report[0]))
     for row in cut_summary.to_dict("records"):
         for key in ("epoch", *cut.report):
             if f"{key}_mean" in row:
@@ -176,35 +166,84 @@ def _p(p: float) -> str:
     return "" if not math.isfinite(p) else ("<.001" if p < 0.001 else f"{p:.3f}")
 
 
-def _exploratory(corr: pd.DataFrame) -> str:
-    """The exploratory rows of the first pair, one line each (≤ 120 columns); what is constant above."""
+def _ci(low: float, high: float, digits: int = 3) -> str:
+    return f"[{low:+.{digits}f}, {high:+.{digits}f}]" if math.isfinite(low) and math.isfinite(high) else "-"
+
+
+# The printed tables: each fits console.WIDTH columns, says what is constant once above its rows and its
+# long notes once below (fakedet.console.table); the full tables are the analysis/ artifacts.
+def cells_text(summary: pd.DataFrame, metrics: list[str], n_models: int, n_trajectories: int) -> str:
+    """The cells over seeds (`analysis.cells_summary`): one row per condition, `mean ± std` per metric."""
+    table = summary[["srm", "cell_epochs", "lr", "n_seeds"]].copy()
+    table["cell_epochs"] = table["cell_epochs"].map(plain_number)
+    for m in metrics:
+        table[m] = [_mean_std(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+    return text_table(table.rename(columns={"cell_epochs": "epochs"}),
+                      f"\ncells: mean ± std over seeds (unit: model; n_seeds per row; {n_models} models in "
+                      f"{n_trajectories} trajectories):", keys=["srm", "epochs", "lr"])  # fmt: skip
+
+
+def exploratory_text(corr: pd.DataFrame) -> str:
+    """The exploratory rows of the first (intrinsic, transfer) pair of `analysis.correlation_table`."""
     if corr.empty:
         return "\nno intrinsic and transfer metric pair in the cells: no correlation"
     x, y = corr["intrinsic"].iloc[0], corr["transfer"].iloc[0]
     sel = corr[(corr["intrinsic"] == x) & (corr["transfer"] == y) & (corr["role"] != "primary")]
     table = pd.DataFrame({
         "question": sel["scope"], "estimand": sel["estimand"], "method": sel["method"], "epochs": sel["epochs"],
-        "estimate": sel["statistic"].map(lambda v: f"{v:+.3f}"),
-        "95% CI": [f"[{a:+.3f}, {b:+.3f}]" if math.isfinite(a) else "-" for a, b in zip(sel["ci_low"], sel["ci_high"])],
+        "estimate": sel["statistic"].map(lambda v: f"{v:+.3f}" if math.isfinite(v) else "-"),
+        f"{corr['confidence'].iloc[0]:.0%} CI": [_ci(a, b) for a, b in zip(sel["ci_low"], sel["ci_high"])],
         "test": sel["test"].replace("", "none"), "p": sel["p_value"].map(_p), "p_BH": sel["p_adjusted"].map(_p),
-        "n": sel["n_trajectories"],
+        "n": sel["n_trajectories"], "note": sel["note"],
     })  # fmt: skip
     pairs = corr[["intrinsic", "transfer"]].drop_duplicates()
-    return (f"\nexploratory: {x} (intrinsic) vs {y} (transfer); unit: trajectory; p_BH: Benjamini–Hochberg over "
-            f"all {int((corr['role'] == 'exploratory').sum())} exploratory rows of {len(pairs)} metric pairs "
-            f"(analysis/correlations.csv); pooled: descriptive, includes the training trend, no test\n"
-            + table.to_string(index=False))  # fmt: skip
+    return text_table(table, f"\nexploratory: {x} (intrinsic) vs {y} (transfer); unit: trajectory; p_BH: "
+                      f"Benjamini–Hochberg over all {int((corr['role'] == 'exploratory').sum())} exploratory rows of "
+                      f"{len(pairs)} metric pairs (analysis/correlations.csv); pooled: descriptive, includes the "
+                      f"training trend, no test", keys=["question", "estimand", "method", "epochs"])  # fmt: skip
 
 
-def _comparison_table(comparison: pd.DataFrame, metric: str) -> str:
+def variance_text(variance: pd.DataFrame) -> str:
+    """Each factor's eta squared per metric (`analysis.variance_decomposition` rows with a `metric`)."""
+    title = ("\nshare of each transfer metric's variance across cells (eta squared, main-effects ANOVA; a description "
+             "of this grid, no p-values: cells of a trajectory are nested)")
+    if not variance["eta_sq"].astype(float).notna().any():
+        return wrap(f"{title}: not computable ({'; '.join(dict.fromkeys(n for n in variance['note'] if n))})")
+    shares = variance.pivot_table(index="metric", columns="factor", values="eta_sq", sort=False, dropna=False)
+    shares.columns.name = None
+    single = [f for f in shares.columns if variance.loc[variance["factor"] == f, "note"].eq("one level: dropped").all()]
+    title += (f"; one level here, not in the model: {', '.join(single)}" if single else "") + ":"
+    return text_table(shares.drop(columns=single).reset_index(), title, keys=["metric"], floats="{:.3f}".format)
+
+
+def cutoff_text(cut_summary: pd.DataFrame, select_on: str) -> str:
+    """Each cutoff rule's picked epoch, stop epoch and report metrics as `mean ± std` (`analysis.cutoff_summary`)."""
+    n = int(cut_summary["n"].max()) if len(cut_summary) else 0
+    title = (f"\ncutoffs: mean ± std over the same {n} trajectories (unit: trajectory; transfer_val is chosen on "
+             f"{select_on}, never on a test split; oracle_test is a reference, not a rule):")
+    table = cut_summary[[c for c in ("rule", "usable", "n") if c in cut_summary]].copy()
+    for key in [c.removesuffix("_mean") for c in cut_summary if c.endswith("_mean")]:
+        table[key] = [_mean_std(a, b) for a, b in zip(cut_summary[f"{key}_mean"], cut_summary[f"{key}_std"])]
+    return text_table(table, title, keys=["rule"])
+
+
+def comparison_text(comparison: pd.DataFrame, metric: str) -> str:
+    """Each rule against the baseline rule, paired by trajectory (`analysis.rule_comparison`)."""
     if comparison.empty:
         return "no rule to compare"
     test = "; ".join(comparison["test"].replace("", pd.NA).dropna().unique()) or "none"
-    table = comparison[["rule", "role", "n_trajectories", "mean_rule", "mean_baseline", "mean_diff", "ci_low", "ci_high",
-                        "p_value", "p_adjusted", "n_higher", "n_lower", "note"]].rename(columns={"n_trajectories": "n"})
-    return (f"rules against intrinsic_val_loss on {metric}, paired by trajectory (unit: trajectory; test: {test}; "
-            f"p_adjusted: the primary rule's own p, BH over the exploratory rules):\n"
-            + table.to_string(index=False, float_format=_fmt))  # fmt: skip
+    baseline = comparison["baseline"].iloc[0]
+    table = pd.DataFrame({
+        "rule": comparison["rule"], "role": comparison["role"], "n": comparison["n_trajectories"],
+        "mean_rule": comparison["mean_rule"], "mean_baseline": comparison["mean_baseline"],
+        "mean_diff": comparison["mean_diff"].map(lambda v: f"{v:+.4f}" if math.isfinite(v) else "-"),
+        f"{comparison['confidence'].iloc[0]:.0%} CI": [_ci(a, b, 4) for a, b in zip(comparison["ci_low"], comparison["ci_high"])],
+        "p": comparison["p_value"].map(_p), "p_adjusted": comparison["p_adjusted"].map(_p),
+        "n_higher": comparison["n_higher"], "n_lower": comparison["n_lower"], "note": comparison["note"],
+    })  # fmt: skip
+    return text_table(table, f"rules against {baseline} on {metric}, paired by trajectory (unit: trajectory; test: "
+                      f"{test}; p_adjusted: the primary rule's own p, BH over the exploratory rules):",
+                      keys=["rule"], floats="{:.4f}".format)  # fmt: skip
 
 
 def _log_analysis(results: SweepResults, tables: dict[str, pd.DataFrame], run_record: dict[str, Any]) -> None:

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--study", help="study file (default: sweeps/<command>.toml)")
         p.add_argument("--data", default="synthetic", help="synthetic (built-in stand-in, default), kaggle, or PATH (prepared cache or folder of sources)")
         p.add_argument("--cache-root", help=f"prepared-data cache (default: {default_cache_root()})")
-        p.add_argument("--smoke", action="store_true", help="the study's smoke preset: tiny grid, small stand-in, about two minutes on 2 cores")
+        p.add_argument("--smoke", action="store_true", help="the study's smoke preset: tiny grid, small stand-in, about 80 s on 2 cores")
         p.add_argument("--name", help="sweep name (default: <study>-<date>-<time>-<random>); names the Ray experiment and the MLflow parent run")
         p.add_argument("--resume", nargs="?", const="latest", metavar="NAME", help="continue an interrupted sweep (default: the latest)")
         p.add_argument("--allow-data-change", action="store_true", help="with --resume: continue although the prepared data's hash changed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -18,7 +19,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from fakedet.data import load_splits, make_synthetic, resolve_data
-from fakedet.data.synthetic import PLANT_GRATING_CYCLES, SIZES, cifake_name
+from fakedet.data.synthetic import DELIBERATE_CORRUPT, PLANT_GRATING_CYCLES, SIZES, cifake_name
+from fakedet.data.units import UnitStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,6 +87,30 @@ def test_agiri_is_varied_and_has_corrupt_files(tiny_src):
     assert (tiny_src / "agiri" / "train" / ".DS_Store").is_file()
 
 
+def test_the_standins_broken_files_are_the_ones_decoding_skips(tiny_root):
+    agiri = json.loads((tiny_root / "synthetic-tiny" / "cache" / "manifest.json").read_text())["datasets"]["agiri"]
+    skipped = {s["path"] for split in ("train", "test") for s in agiri[split]["skipped"]}
+    assert agiri["source"]["standin"] and {p for p in DELIBERATE_CORRUPT if p.startswith("test/")} <= skipped
+    assert skipped <= set(DELIBERATE_CORRUPT)
+
+
+def test_deliberate_skips_are_said_as_such_and_others_warned(tmp_path, caplog):
+    info = {"skipped": [{"path": "test/real/empty.jpg", "reason": "empty file (0 bytes)"},
+                        {"path": "test/real/mine.jpg", "reason": "decode failed"}]}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="fakedet.data"):
+        UnitStore(tmp_path).warn_skips("agiri/test", info, DELIBERATE_CORRUPT)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["agiri/test: 1 file(s) skipped as intended: the stand-in breaks 'empty.jpg' on purpose, as the real "
+                    "AGIRI has corrupt files; listed in manifest.json",
+                    "agiri/test: skipped 1 file(s): test/real/mine.jpg: decode failed; all are listed in manifest.json"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fakedet.data"):
+        UnitStore(tmp_path).warn_skips("agiri/test", info)  # not the stand-in: both are warned about
+    assert [r.getMessage() for r in caplog.records] == [
+        "agiri/test: skipped 2 file(s): test/real/empty.jpg: empty file (0 bytes); test/real/mine.jpg: decode failed; "
+        "all are listed in manifest.json"]
+
+
 def test_cifar100_pickles_are_the_toronto_format(tiny_src):
     folder = tiny_src / "cifar100" / "cifar-100-python"
     assert sorted(p.name for p in folder.iterdir()) == ["meta", "test", "train"]
@@ -138,7 +164,8 @@ def test_cli_make_synthetic_then_prepare_as_a_user_would(tmp_path):
     assert r.returncode == 0, r.stderr
     assert re.search(r"agiri/test\s+50\s+50\s+3\s+1", r.stdout), r.stdout  # real, fake, skipped, ignored
     assert "cifar100_test_jpeg" in r.stdout and "hash" in r.stdout
-    assert "skipped 3 file(s)" in r.stderr  # said, not silent
+    # said, not silent, and said to be the stand-in's deliberate ones
+    assert "agiri/test: 3 file(s) skipped as intended: the stand-in breaks 'corrupt truncated.jpg'" in r.stderr, r.stderr
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert set(m["datasets"]) == {"cifake", "agiri", "cifar100"}
     # --only and --sources

@@ -91,12 +91,12 @@ def test_notebook_runs_without_errors(path, executed):
 def test_study_views_notebook_shows_the_smoke_sweep(executed):
     nb = executed(REPO / "notebooks" / "study_views.ipynb")
     load = "".join(o.get("text", "") for o in tagged(nb, "load").outputs if o.output_type == "stream")
-    assert "sweep 'smoke1'" in load and "4 cells (4 finished)" in load and "analysis v" in load
+    assert "sweep 'smoke1'" in load and "12 cells (12 finished)" in load and "analysis v" in load
     # it opens with the answers: the first output after the sweep's line is the headline per question
     first = next(c for c in nb.cells[nb.cells.index(tagged(nb, "load")) + 1:] if c.cell_type == "code")
     assert first is tagged(nb, "headline") and "along training" in result(first, "text/markdown")
-    # smoke grid: srm {none, pool1} × epochs {1, 2}: four cells, each with a max and a min row in table 3
-    for tag, rows, column in (("table2", 4, "precision_fake"), ("table3", 8, "fine_class"), ("table4", 4, "recall_real")):
+    # smoke grid: srm {none, pool1} × epochs {1, 2} × 3 seeds: twelve cells, each with a max and a min row in table 3
+    for tag, rows, column in (("table2", 12, "precision_fake"), ("table3", 24, "fine_class"), ("table4", 12, "recall_real")):
         html = result(tagged(nb, tag), "text/html")
         assert html_rows(html) == rows, tag
         assert f"<th>{column}</th>" in html, tag

@@ -16,6 +16,16 @@ from mlflow.tracking import MlflowClient
 
 
 
+# What Ray prints on its own that fakedet replaces by its own lines (fakedet/sweep/execute.py quiet_ray)
+RAY_NOISE = ("Token authentication is enabled", "TensorBoard", "Tuner.restore", "Configuration for experiment",
+             "View detailed results here", "Started a local Ray instance", "Stop signal received")  # fmt: skip
+
+
+def unwrapped(out: str) -> str:
+    """The output with the long lines folded at 120 columns (console.wrap) joined again."""
+    return re.sub(r"\n  (?=\S)", " ", out)
+
+
 def assert_no_duplicate_points(c, runs):
     for r in runs:
         for key in ("train/loss", "cifake_test/acc", "agiri_val/auc"):
@@ -28,8 +38,12 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     out = smoke_sweep.stdout
     assert out.splitlines()[0].startswith("MLflow tracking: sqlite:///")
     assert "mlflow ui --backend-store-uri sqlite:///" in out.splitlines()[0]
-    assert "[progress] trials 2/2 done" in out
+    assert "[progress] trials 6/6 done" in out
     assert "headline: along training" in out or "cutoffs" in out
+    said = out + smoke_sweep.stderr
+    assert not [noise for noise in RAY_NOISE if noise in said], said[-3000:]
+    # the stand-in's broken files are said to be broken on purpose
+    assert "skipped as intended: the stand-in breaks" in smoke_sweep.stderr or "cached" in smoke_sweep.stderr
 
     c, parent, children = workspace.runs("smoke1")
     assert parent.info.status == "FINISHED"
@@ -41,12 +55,13 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     assert f"#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/report.html?" in out
     compares = [line for line in out.splitlines() if "#/compare-runs?runs=" in line]
     assert len(compares) == 2 and all(all(r.info.run_id in line for r in children) for line in compares)
-    # smoke grid: srm {none, pool1} × epochs {1, 2} × lr {1e-3} × 1 seed
-    assert len(children) == 4
+    # smoke grid: srm {none, pool1} × epochs {1, 2} × lr {1e-2} × 3 seeds
+    assert len(children) == 12
     assert {(r.data.params["srm"], float(r.data.params["epochs"])) for r in children} == {
         ("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
     assert {r.data.params["epochs"] for r in children} == {"1", "2"}  # integral epochs log as integers
-    assert {r.data.tags["fakedet.trajectory"] for r in children} == {"none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"}
+    assert {r.data.tags["fakedet.trajectory"] for r in children} == {
+        f"{srm} lr=0.01 seed={seed}" for srm in ("none", "pool1") for seed in (11, 12, 13)}
     for r in children:
         assert r.info.status == "FINISHED"
         for p in ("srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle", "data", "data_hash", "code_version"):
@@ -67,12 +82,23 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     # the parent holds the correlations and the cutoff analysis
     pm = parent.data.metrics
     # the headline and its interval as metrics; the full tables as artifacts
-    # two trajectories are too few for an interval: the headline says so, with its n (the --seeds 2 sweep of
-    # test_bundled_sweep_logs_the_same_cells_in_half_the_trials has one)
-    assert pm["headline/n_models"] == 4 and pm["headline/n_trajectories"] == 2
+    # six trajectories in two conditions of three seeds: every correlation question is answered with an
+    # interval and a test, across seeds too (n − 3 − 1 covariate = 2)
+    assert pm["headline/n_models"] == 12 and pm["headline/n_trajectories"] == 6
     assert any(k.startswith("cutoff/transfer_val/") for k in pm) and not any(k.startswith("corr/") for k in pm)
-    assert "headline: along training: change in agiri_test/acc from epoch 1 to 2 (mean over trajectories)" in out
-    assert re.search(r"headline: across seeds within a condition: .*: not computable \(.*\), n = 0 trajectories", out), out[-3000:]
+    text = unwrapped(out)
+    assert "not computable" not in text.split("exploratory:")[0], text[-3000:]
+    number = r"[+-]\d\.\d{3} \[95% CI [+-]\d\.\d{3}, [+-]\d\.\d{3}\], [^,]* p [=<] [\d.]+; Holm-adjusted [=<] [\d.]+, n = 6 trajectories"
+    for scope, question in (
+            ("along_training", "along training: change in agiri_test/acc from epoch 1 to 2 (mean over trajectories)"),
+            ("across_models", "across models at equal length: Pearson r(cifake_test/acc, agiri_test/acc), standing averaged over lengths"),
+            ("across_seeds", "across seeds within a condition: Pearson r(cifake_test/acc, agiri_test/acc), standing averaged over lengths")):
+        assert re.search(f"headline: {re.escape(question)}: {number}", text), (question, text[-3000:])
+        assert pm[f"headline/{scope}/ci_low"] <= pm[f"headline/{scope}/statistic"] <= pm[f"headline/{scope}/ci_high"]
+    assert re.search(r"headline: cutoff: transfer_val − intrinsic_val_loss on agiri_test/auc \(mean paired difference\): "
+                     r"[+-]\d\.\d{3}.*n = 6 trajectories", text), text[-3000:]
+    # every table fits 120 columns (links and paths are single words, kept whole)
+    assert not [line for line in out.splitlines() if len(line) > 120 and "/" not in line], out[-3000:]
     analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
     assert {"analysis/cutoffs.csv", "analysis/correlations.csv", "analysis/cells_summary.csv", "analysis/variance.csv",
             "analysis/cutoff_comparison.csv", "analysis/run_record.json"} <= analysis
@@ -81,7 +107,7 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
         summary = pd.read_csv(c.download_artifacts(parent.info.run_id, "analysis/cells_summary.csv", d))
     assert {"scope", "intrinsic", "transfer", "method", "statistic", "ci_low", "ci_high", "p_value", "n_models", "n_trajectories"} <= set(corr)
     assert (corr["p_value"].dropna() > 0).all()  # a permutation p is never 0
-    assert len(summary) == 4 and (summary["n_seeds"] == 1).all() and "agiri_test/auc_mean" in summary
+    assert len(summary) == 4 and (summary["n_seeds"] == 3).all() and "agiri_test/auc_mean" in summary
     # each figure is logged once, by the views, under figures/
     figures = {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
     assert "figures/cutoff_curves.png" in figures and not [a for a in analysis if a.endswith(".png")]
@@ -124,7 +150,7 @@ def test_cutoff_command_rereads_a_finished_sweep(workspace, smoke_sweep, run):
 
 @pytest.mark.slow
 def test_crashed_trial_is_retried_from_its_checkpoint(workspace, run):
-    proc = run(workspace.args("crash1", "--srm", "none", "--crash-once-after-step", "3"))
+    proc = run(workspace.args("crash1", "--srm", "none", "--seeds", "1", "--crash-once-after-step", "3"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[retry]" in proc.stdout
     marker = workspace.storage / "crash1" / "crash_once.marker"
@@ -139,7 +165,7 @@ def test_crashed_trial_is_retried_from_its_checkpoint(workspace, run):
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace, run):
     db = workspace.root / "mlflow.db"
-    args = workspace.args("resume1", "--epochs", "1,3", "--max-concurrent", "1")
+    args = workspace.args("resume1", "--epochs", "1,3", "--seeds", "1", "--max-concurrent", "1")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     # interrupt once the first cell of the first trajectory has finished, mid-way through the sweep
@@ -156,6 +182,8 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace, run):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-2000:]
     assert "--resume resume1" in out, out[-2000:]
+    # fakedet's own lines on Ctrl-C, not Ray's Tuner.restore hint
+    assert "[interrupt] stopping" in out and not [noise for noise in RAY_NOISE if noise in out], out[-3000:]
 
     resume = [*workspace.command, "ablation", "--resume", "resume1", "--storage-path", str(workspace.storage),
               "--ray-temp-dir", str(workspace.ray_tmp), "--num-cpus", "2", "--cache-root", str(workspace.cache)]
@@ -217,7 +245,7 @@ def test_two_sweeps_started_at_once_in_one_folder(workspace, tmp_path):
     db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
     procs = []
     for i in range(2):
-        args = [*workspace.command, "ablation", "--smoke", "--srm", "none", "--epochs", "1", "--cache-root", str(workspace.cache),
+        args = [*workspace.command, "ablation", "--smoke", "--srm", "none", "--epochs", "1", "--seeds", "1", "--cache-root", str(workspace.cache),
                 "--storage-path", str(storage), "--tracking-uri", f"sqlite:///{db}", "--num-cpus", "1",
                 "--ray-temp-dir", tempfile.mkdtemp(prefix=f"fdcc{i}", dir="/tmp")]
         procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path))
@@ -245,7 +273,7 @@ def test_bundled_sweep_logs_the_same_cells_in_half_the_trials(workspace, run):
     # four trajectories: a headline with an interval, and seeds summarised with finite spreads
     assert re.search(r"headline: across models at equal length: Pearson r\(cifake_test/acc, agiri_test/acc\), standing averaged "
                      r"over lengths: [+-]\d\.\d{3} \[95% CI [+-]\d\.\d{3}, [+-]\d\.\d{3}\], Fisher z p .*, n = 4 trajectories",
-                     proc.stdout), proc.stdout[-3000:]
+                     unwrapped(proc.stdout)), proc.stdout[-3000:]
     c, parent, _ = workspace.runs("bundle2")
     with tempfile.TemporaryDirectory() as d:
         summary = pd.read_csv(c.download_artifacts(parent.info.run_id, "analysis/cells_summary.csv", d))
@@ -269,7 +297,7 @@ def test_bundled_sweep_logs_the_same_cells_in_half_the_trials(workspace, run):
 
 @pytest.mark.slow
 def test_a_diverging_trajectory_is_a_result_not_a_crash(workspace, run):
-    proc = run(workspace.args("diverge1", "--srm", "none,pool1", "--lr", "1e9"))
+    proc = run(workspace.args("diverge1", "--srm", "none,pool1", "--lr", "1e9", "--seeds", "1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[retry]" not in proc.stdout  # a deterministic divergence is not retried
     assert "diverged (training went non-finite; ended, not retried): 2 trajectories" in proc.stdout

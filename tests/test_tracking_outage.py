@@ -61,7 +61,7 @@ def test_sweep_survives_a_tracking_server_outage(workspace, tmp_path):
     server = MlflowServer(tmp_path, free_port())
     server.start()
     try:
-        args = workspace.args("outage1", "--epochs", "1,4", "--max-concurrent", "1", "--tracking-uri", server.uri)
+        args = workspace.args("outage1", "--epochs", "1,4", "--seeds", "1", "--max-concurrent", "1", "--tracking-uri", server.uri)
         # a client that gives up at once, so the outage reaches fakedet's own retries
         env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
         sweep = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -168,7 +168,7 @@ def _entries(
                 )
             part, made = cifar100_entry(store, root, options, standin is not None, quality, why)
         else:
-            part, made = image_folder_entry(store, ds, root, options, workers, show_progress)
+            part, made = image_folder_entry(store, ds, root, options, workers, show_progress, standin is not None)
         entry.update(part)
         entry["units"] = [rel for rel, _, _ in made]
         entry["seconds"] = round(time.perf_counter() - t0, 3)

@@ -32,6 +32,7 @@ from fakedet.data.jpeg import folder_jpeg_quality, jpeg_round_trip
 from fakedet.data.options import PrepareOptions
 from fakedet.data.sources import list_split, stat_fingerprint
 from fakedet.data.splits import holdout, per_class_quota, sample_order
+from fakedet.data.synthetic import DELIBERATE_CORRUPT
 from fakedet.data.units import UnitStore, content_digest, digest, save_set
 
 # Bump when a code change alters decoded pixels or split rows: every unit is rebuilt.
@@ -46,7 +47,8 @@ def _skips(relpaths: list[str], skipped: list[tuple[int, str]]) -> list[dict]:
 
 
 def image_folder_unit(
-    store: UnitStore, ds: str, root: Path, split: str, opts: PrepareOptions, workers: int | None, show_progress: bool
+    store: UnitStore, ds: str, root: Path, split: str, opts: PrepareOptions, workers: int | None, show_progress: bool,
+    standin: bool = False,
 ) -> tuple[str, dict]:
     listing = list_split(ds, root, split)
     if not listing.relpaths:
@@ -74,12 +76,12 @@ def image_folder_unit(
         }
 
     rel, info = store.unit(f"{ds}-{split}", key, build)
-    store.warn_skips(f"{ds}/{split}", info)
+    store.warn_skips(f"{ds}/{split}", info, DELIBERATE_CORRUPT if standin else ())
     return rel, info
 
 
 def agiri_val_unit(
-    store: UnitStore, root: Path, opts: PrepareOptions, workers: int | None, show_progress: bool
+    store: UnitStore, root: Path, opts: PrepareOptions, workers: int | None, show_progress: bool, standin: bool = False
 ) -> tuple[str, dict]:
     listing = list_split("agiri", root, "train")
     dec = opts.decode()
@@ -130,7 +132,9 @@ def agiri_val_unit(
                 f"agiri_val_size {opts.agiri_val_size} clipped to {used}: AGIRI train holds {len(listing.relpaths)} "
                 f"image files ({available['real']} real, {available['fake']} fake), {len(skipped)} of those tried could not be decoded"
             )
-            store.say(logging.WARNING, "%s", clip)
+            # the stand-in is smaller than the real AGIRI by design: a clip there is expected
+            store.say(logging.WARNING, "%s%s", clip, "; as intended for the stand-in, smaller than the real AGIRI, "
+                      "its undecodable files broken on purpose" if standin else "")
         seconds = time.perf_counter() - t0
         return {
             "sets": {"agiri_val": counts},
@@ -154,7 +158,7 @@ def agiri_val_unit(
         }
 
     rel, info = store.unit("agiri-val", key, build)
-    store.warn_skips("agiri/train (val sample)", info)
+    store.warn_skips("agiri/train (val sample)", info, DELIBERATE_CORRUPT if standin else ())
     return rel, info
 
 
@@ -249,13 +253,15 @@ def cifar100_units(
 
 
 def image_folder_entry(
-    store: UnitStore, ds: str, root: Path, options: PrepareOptions, workers: int | None, show_progress: bool
+    store: UnitStore, ds: str, root: Path, options: PrepareOptions, workers: int | None, show_progress: bool,
+    standin: bool = False,
 ) -> tuple[dict, Made]:
-    """CIFAKE or AGIRI: the manifest entry's fields, and the units made."""
+    """CIFAKE or AGIRI: the manifest entry's fields, and the units made (`standin`: the source is the
+    built-in stand-in, whose broken files are deliberate)."""
     entry: dict = {}
     made: Made = []
     if ds == "cifake":
-        tr_rel, tr = image_folder_unit(store, ds, root, "train", options, workers, show_progress)
+        tr_rel, tr = image_folder_unit(store, ds, root, "train", options, workers, show_progress, standin)
         made += [(tr_rel, tr, {}), (*cifake_split_unit(store, tr_rel, tr, options), {})]
         entry["jpeg_quality_estimate"] = folder_jpeg_quality(root / "train" / "REAL")
         entry["options"] = {
@@ -265,7 +271,7 @@ def image_folder_entry(
         }
         train_set = "cifake_trainval"
     else:
-        tr_rel, tr = agiri_val_unit(store, root, options, workers, show_progress)
+        tr_rel, tr = agiri_val_unit(store, root, options, workers, show_progress, standin)
         made.append((tr_rel, tr, {}))
         entry["options"] = {
             "decode": options.decode().to_dict(),
@@ -273,7 +279,7 @@ def image_folder_entry(
             "seed": options.seed,
         }
         train_set = "agiri_val"
-    te_rel, te = image_folder_unit(store, ds, root, "test", options, workers, show_progress)
+    te_rel, te = image_folder_unit(store, ds, root, "test", options, workers, show_progress, standin)
     made.append((te_rel, te, {}))
     for split, info, set_name in (("train", tr, train_set), ("test", te, f"{ds}_test")):
         counts = info["sets"][set_name]

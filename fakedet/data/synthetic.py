@@ -66,7 +66,7 @@ class StandinSize:
 
 
 # Image counts per class (CIFAR-100: per fine class). `tiny` runs the whole pipeline in seconds in
-# tests; `small` feeds the --smoke sweep preset (~2 min on 2 cores); `default` is sized so the
+# tests; `small` feeds the --smoke sweep preset (~80 s on 2 cores); `default` is sized so the
 # README's ablation (3 SRM placements × 3 learning rates × up to 100 epochs) fits ~10 min on 2 cores.
 SIZES: dict[str, StandinSize] = {
     "tiny": StandinSize(
@@ -647,14 +647,21 @@ def _agiri_jobs(root: Path, size: StandinSize, seed: int, variant: str = "standa
     ]
 
 
+# The stand-in's AGIRI files that are broken on purpose (paths under its AGIRI root; `_agiri_strays`):
+# preparing it must skip them, as it must skip the real AGIRI's corrupt files; fakedet.data says so.
+DELIBERATE_CORRUPT = ("test/real/corrupt truncated.jpg", "test/real/empty.jpg", "test/real/not-an-image.png",
+                      "train/fake/truncated (1).png")  # fmt: skip
+
+
 def _agiri_strays(root: Path) -> None:
     """Corrupt and stray files, as in the real AGIRI (three corrupt files in test/real are known)."""
     good = _encode(np.full((40, 40, 3), 128, np.uint8), "JPEG", "RGB")
     png = _encode(np.full((40, 40, 3), 90, np.uint8), "PNG", "RGB")
-    (root / "test" / "real" / "corrupt truncated.jpg").write_bytes(good[: len(good) // 2])
-    (root / "test" / "real" / "empty.jpg").write_bytes(b"")
-    (root / "test" / "real" / "not-an-image.png").write_bytes(b"<html>404 Not Found</html>\n")
-    (root / "train" / "fake" / "truncated (1).png").write_bytes(png[: len(png) - 30])
+    truncated, empty, not_an_image, truncated_png = (root / p for p in DELIBERATE_CORRUPT)
+    truncated.write_bytes(good[: len(good) // 2])
+    empty.write_bytes(b"")
+    not_an_image.write_bytes(b"<html>404 Not Found</html>\n")
+    truncated_png.write_bytes(png[: len(png) - 30])
     (root / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
     (root / "test" / "real" / "Thumbs.db").write_bytes(bytes(32))
 

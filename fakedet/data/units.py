@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,11 +107,20 @@ class UnitStore:
             raise
         return rel, info
 
-    def warn_skips(self, what: str, info: dict) -> None:
+    def warn_skips(self, what: str, info: dict, deliberate: Collection[str] = ()) -> None:
+        """Say which files decoding skipped; `deliberate`: the paths a source breaks on purpose (the
+        stand-in's, `synthetic.DELIBERATE_CORRUPT`), said to be expected rather than warned about."""
         skipped = info["skipped"]
         if skipped and info.get("cached"):
             self.say(logging.INFO, "%s: %d file(s) skipped when decoded; listed in manifest.json", what, len(skipped))
-        elif skipped:
+            return
+        planted = [s for s in skipped if s["path"] in deliberate]
+        skipped = [s for s in skipped if s["path"] not in deliberate]
+        if planted:  # said at WARNING, so that a sweep (which shows only warnings of fakedet.data) says it too
+            self.say(logging.WARNING, "%s: %d file(s) skipped as intended: the stand-in breaks %s on purpose, as the "
+                     "real AGIRI has corrupt files; listed in manifest.json", what, len(planted),
+                     ", ".join(repr(s["path"].rsplit("/", 1)[-1]) for s in planted))  # fmt: skip
+        if skipped:
             head = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
             more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
             self.say(

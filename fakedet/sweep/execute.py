@@ -4,6 +4,7 @@ logged to MLflow by the driver, until every cell has ended or the sweep is inter
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from fakedet.config import default_cache_root
-from fakedet.console import say
+from fakedet.console import say, wrap
 from fakedet.data import cache_hash, load_splits, resolve_data
 from fakedet.provenance import run_record
 from fakedet.sweep.plan import SweepPlan, trial_resources
@@ -56,18 +57,72 @@ def prepare_data(plan: SweepPlan, request: SweepRequest) -> tuple[Path, str, dic
     cache = resolve_data(request.data, request.cache_root or default_cache_root(), size=size, variant=variant)
     data_hash = cache_hash(cache)
     splits = load_splits(cache)
-    say(f"data: {request.data} ({f'{size}, {variant}' if request.data == 'synthetic' else cache}), cache {data_hash}; "
-        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    say(wrap(f"data: {request.data} ({f'{size}, {variant}' if request.data == 'synthetic' else cache}), cache {data_hash}; "
+             + ", ".join(f"{k} {len(v)}" for k, v in splits.items())))
     return cache, data_hash, splits
 
 
-def init_ray(request: SweepRequest) -> None:
+class RayNoise(logging.Filter):
+    """Ray's lines that fakedet says in its own words, or that say nothing to act on (Ray 2.60):
+
+    - `ray/_private/authentication/authentication_token_setup.py`: "Token authentication is enabled for
+      this Ray cluster" on every new local instance; token authentication is what Ray does by default
+      and stays on. Its warning that authentication is *disabled* (joining a cluster without a token)
+      still passes;
+    - `ray/tune/tune.py`, `ray/tune/analysis/experiment_analysis.py`: on Ctrl-C the stop warning becomes
+      one `[interrupt]` line; the `Tuner.restore(...)` hint, the list of unfinished trials and the
+      warnings about trials without results (FileNotFoundError: trials that never started) are dropped:
+      the sweep then says how many cells ended and its `--resume` command. Outside an interrupt every
+      warning and error of Tune passes."""
+
+    LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.tune.tune",
+               "ray.tune.analysis.experiment_analysis")  # fmt: skip
+
+    def __init__(self, say_line: Callable[[str], None] = say) -> None:
+        super().__init__()
+        self.say_line = say_line
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Token authentication is enabled for this Ray cluster"):
+            return False
+        if msg.startswith("Stop signal received"):
+            self.interrupted = True
+            self.say_line("[interrupt] stopping: the running trials save their state once more (Ctrl-C again: stop at once)")
+            return False
+        if msg.startswith("Experiment has been interrupted"):
+            return False
+        return not (self.interrupted and msg.startswith(("Trials did not complete", "Failed to fetch metrics")))
+
+    def install(self) -> "RayNoise":
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            for old in [f for f in logger.filters if isinstance(f, RayNoise)]:
+                logger.removeFilter(old)
+            logger.addFilter(self)
+        return self
+
+
+def quiet_ray() -> None:
+    """What Ray prints that fakedet replaces (Ray 2.60): the experiment box, "View detailed results here"
+    and the TensorBoard hint of Tune's new output engine, which prints them even at `verbose=0` (the
+    older engine, `RAY_AIR_NEW_OUTPUT=0`, prints nothing at verbose 0; fakedet's `[progress]` line and
+    its own `ray:` line say what matters; a value the user set is kept); Tune's info lines; `RayNoise`."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    RayNoise().install()
+
+
+def init_ray(request: SweepRequest) -> None:
+    quiet_ray()
     if request.address:
-        ray.init(address=request.address, log_to_driver=request.verbose)
+        ray.init(address=request.address, log_to_driver=request.verbose, logging_level=logging.WARNING)
     else:
-        # "local": always a fresh single-machine instance, never a stale cluster found in /tmp/ray
-        kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": request.verbose}
+        # "local": always a fresh single-machine instance, never a stale cluster found in /tmp/ray;
+        # logging_level: not its "Started a local Ray instance." (fakedet's `ray:` line follows)
+        kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": request.verbose,
+                  "logging_level": logging.WARNING}
         if request.num_cpus:
             kwargs["num_cpus"] = request.num_cpus
         if request.ray_temp_dir:
