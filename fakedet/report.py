@@ -57,6 +57,10 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     n_traj = finished["trajectory"].nunique()
     say(f"\ncells: mean ± std over seeds (unit: model; n_seeds per row; {len(finished)} models in {n_traj} trajectories):")
     say(table.rename(columns={"cell_epochs": "epochs"}).to_string(index=False))
+    pruned = cells[cells["status"] == "KILLED"] if "status" in cells else cells.iloc[0:0]
+    if len(pruned):  # stopped by the scheduler (ASHA) before their epochs: not models of the table's lengths
+        say(f"({len(pruned)} more {'model was' if len(pruned) == 1 else 'models were'} stopped early by ASHA (pruned) "
+            f"and left out: {len(cells)} models in {cells['trajectory'].nunique()} trajectories in all)")
     diverged = cells[cells["diverged"].astype(bool)] if "diverged" in cells else cells.iloc[0:0]
     if len(diverged):
         say(f"\ndiverged (training went non-finite; ended, not retried): {diverged['trajectory'].nunique()} trajectories, "
@@ -85,8 +89,15 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     factors = [f for f in ("srm", "cell_epochs", "lr", "seed", "momentum", "batch_size") if f in finished]
     variance = pd.concat([analysis.variance_decomposition(finished, m, factors).assign(metric=m)
                           for m in transfer if m in finished], ignore_index=True) if len(finished) else pd.DataFrame()
-    if len(variance):
-        shares = variance.pivot_table(index="metric", columns="factor", values="eta_sq", sort=False)
+    shares = variance.pivot_table(index="metric", columns="factor", values="eta_sq", sort=False) if len(variance) else variance
+    if study.kind == "hpo":
+        say("\nwhich factor matters: an HPO sweep's sampled values are not a grid (no ANOVA shares); "
+            "see the parameter importances (fANOVA) of the HPO answer below")
+    elif shares.empty:
+        notes = variance["note"].replace("", pd.NA).dropna() if "note" in variance else pd.Series(dtype=str)
+        say("\nshare of each transfer metric's variance across cells: "
+            + (notes.iloc[0] if len(notes) else "not computable (no finished cell has a transfer metric)"))
+    else:
         say("\nshare of each transfer metric's variance across cells (eta squared, main-effects ANOVA; a description of "
             "this grid, no p-values: cells of a trajectory are nested):")
         say(shares.to_string(float_format=lambda v: f"{v:.3f}"))
