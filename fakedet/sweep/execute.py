@@ -29,6 +29,7 @@ from fakedet.sweep.store import SweepTracking, compare_link, runs_link
 from fakedet.sweep.tracking import MlflowCellCallback
 from fakedet.sweep.trainable import run_trial
 from fakedet.sweep.writer import TrackingUnavailable, writer_for
+from fakedet.train import rounding_note
 
 
 @dataclass
@@ -141,6 +142,12 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     if meta and meta.get("data_hash") not in (None, data_hash) and not request.allow_data_change:
         raise ValueError(f"--resume: the data changed since sweep {plan.name} started (cache {meta['data_hash']} then, "
                          f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
+    # said once per batch size (the HPO template's: a sampled batch size rounds its own way)
+    first = {t.config.batch_size: t.config for spec in (plan.trials or (plan.template,)) for t in spec.trajectories}
+    for cfg in first.values():
+        note = rounding_note(cfg, len(splits["cifake_train"]))
+        if note:
+            say(note)
     resources = plan.resources
     if plan.bundle > 1:
         say(f"bundles: up to {plan.bundle} trajectories per trial, one fused step each ({plan.total_trials} trials)")

@@ -15,6 +15,7 @@ they rest on, or (several objectives) the Pareto front; printed, and logged to t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import textwrap
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
@@ -222,7 +224,8 @@ class Importances:
 
 def importances(study: optuna.Study, objective: int = 0, n_boot: int = IMPORTANCE_BOOT, seed: int = 0,
                 confidence: float = 0.95) -> Importances:
-    """fANOVA (`optuna.importance.FanovaImportanceEvaluator`) over the complete trials with a finite value."""
+    """fANOVA (`optuna.importance.FanovaImportanceEvaluator`) over the complete trials with a finite value,
+    with a percentile interval over bootstrap resamples of those trials."""
     metric = metric_names(study)[objective]
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _finite([t.values[objective]])]
     params = sorted(set.intersection(*(set(t.params) for t in complete))) if complete else []
@@ -233,25 +236,18 @@ def importances(study: optuna.Study, objective: int = 0, n_boot: int = IMPORTANC
                            f"not computed: {len(complete)} complete trial(s), fANOVA needs at least {MIN_TRIALS_FOR_IMPORTANCE}")
     if not varied:
         return Importances(metric, len(complete), empty, f"not computed: no parameter varies over the {len(complete)} complete trials")
-
-    def fit(trials: list, fit_seed: int, n_trees: int) -> dict[str, float]:
-        sub = optuna.create_study(directions=study.directions)
-        sub.add_trials(trials)
-        evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=n_trees, seed=fit_seed)
-        return optuna.importance.get_param_importances(sub, evaluator=evaluator, params=varied,
-                                                       target=lambda t: t.values[objective])
-
-    point = fit(complete, seed, 64)  # the estimate: Optuna's default forest
-    rng = np.random.default_rng(seed)
-    boots = []
-    for b in range(n_boot):
-        sample = [complete[i] for i in rng.integers(0, len(complete), len(complete))]
-        if len({t.number for t in sample}) < 2:
-            continue  # one trial repeated: nothing to split on
-        try:
-            boots.append(fit(_renumbered(sample), seed + 1 + b, IMPORTANCE_TREES))
-        except (ValueError, RuntimeError):  # a resample in which no parameter varies
-            continue
+    with _quiet_optuna():
+        point = _fanova(complete, study.directions, varied, objective, seed, 64)  # the estimate: Optuna's default forest
+        rng = np.random.default_rng(seed)
+        boots = []
+        for b in range(n_boot):
+            sample = [complete[i] for i in rng.integers(0, len(complete), len(complete))]
+            if len({t.number for t in sample}) < 2:
+                continue  # one trial repeated: nothing to split on
+            try:
+                boots.append(_fanova(sample, study.directions, varied, objective, seed + 1 + b, IMPORTANCE_TREES))
+            except (ValueError, RuntimeError):  # a resample in which no parameter varies
+                continue
     alpha = (1 - confidence) / 2
     rows = []
     for p in sorted(point, key=point.get, reverse=True):
@@ -261,9 +257,23 @@ def importances(study: optuna.Study, objective: int = 0, n_boot: int = IMPORTANC
     return Importances(metric, len(complete), pd.DataFrame(rows))
 
 
-def _renumbered(trials: list) -> list:
-    """Copies of the trials (a bootstrap sample repeats some), fit to be added to a new study."""
-    return [optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=t.values) for t in trials]
+def _fanova(trials: list, directions: list, params: list[str], objective: int, seed: int, n_trees: int) -> dict[str, float]:
+    """One fANOVA fit on copies of `trials` (a bootstrap sample repeats some) in a new in-memory study."""
+    sub = optuna.create_study(directions=directions)
+    sub.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=t.values) for t in trials])
+    evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=n_trees, seed=seed)
+    return optuna.importance.get_param_importances(sub, evaluator=evaluator, params=params, target=lambda t: t.values[objective])
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    """No "A new study created in memory" line per resample."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def pareto_front(study: optuna.Study) -> pd.DataFrame:
@@ -292,6 +302,10 @@ def history_figure(table: pd.DataFrame, metric: str, maximize: bool, imp: Import
     if len(done):
         running = done[metric].cummax() if maximize else done[metric].cummin()
         ax.step(done["trial"], running, where="post", color="tab:blue", alpha=0.6, label="best complete so far")
+    if len(done):
+        top = done.loc[done[metric].idxmax() if maximize else done[metric].idxmin()]
+        ax.plot([top["trial"]], [top[metric]], "*", ms=14, color="tab:red", label=f"best: trial #{int(top['trial'])}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial (Optuna's order)")
     ax.set_ylabel(f"{metric} (AUC)" if metric.endswith("/auc") else metric)
     ax.set_title(f"{metric}: one value per trial (one seed each: no interval), n = {len(table)} trials", fontsize=9)
