@@ -25,7 +25,7 @@ from fakedet.sweep.store import SweepTracking
 from fakedet.sweep.tracking import MlflowCellCallback
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names, stable since 3.2
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names: experimental since Optuna 3.2
 
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "momentum": FloatDistribution(0.5, 0.99),
                  "srm": CategoricalDistribution(["none", "pool1", "pool2", "both"])}

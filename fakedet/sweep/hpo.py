@@ -301,7 +301,9 @@ def history_figure(table: pd.DataFrame, metric: str, maximize: bool, imp: Import
                 label=f"pruned by ASHA (n = {len(pruned)}; value when stopped)")
     if len(done):
         running = done[metric].cummax() if maximize else done[metric].cummin()
-        ax.step(done["trial"], running, where="post", color="tab:blue", alpha=0.6, label="best complete so far")
+        # carried on to the last trial: later pruned or failed trials did not change it
+        xs, ys = [*done["trial"], table["trial"].max()], [*running, running.iloc[-1]]
+        ax.step(xs, ys, where="post", color="tab:blue", alpha=0.6, label="best complete so far")
     if len(done):
         top = done.loc[done[metric].idxmax() if maximize else done[metric].idxmin()]
         ax.plot([top["trial"]], [top[metric]], "*", ms=14, color="tab:red", label=f"best: trial #{int(top['trial'])}")
