@@ -228,7 +228,8 @@ def test_the_stores_are_ignored_by_git(repo):
 def test_hpo_smoke(workspace, run):
     """`sweeps/run.py hpo --smoke` as a user runs it: the trials in Optuna and MLflow, and the answer at the end."""
     optuna_db = workspace.root / "optuna.db"
-    proc = run(workspace.args("hpo1", "--optuna-storage", f"sqlite:///{optuna_db}", kind="hpo"))
+    # a fresh workspace generates the small stand-in first: minutes more on a busy 2-core machine
+    proc = run(workspace.args("hpo1", "--optuna-storage", f"sqlite:///{optuna_db}", kind="hpo"), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     study = optuna.load_study(study_name="hpo1", storage=f"sqlite:///{optuna_db}")
