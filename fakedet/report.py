@@ -76,6 +76,10 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     summary = analysis.cells_summary(finished, list(dict.fromkeys([*SUMMARY_COLUMNS, *intrinsic, *transfer, *cut.report])))
     n_traj = finished["trajectory"].nunique()
     say(cells_text(summary, shown_metrics, len(finished), n_traj))
+    pruned = cells[cells["status"] == "KILLED"] if "status" in cells else cells.iloc[0:0]
+    if len(pruned):  # stopped by the scheduler (ASHA) before their epochs: not models of the table's lengths
+        say(wrap(f"({len(pruned)} more {'model was' if len(pruned) == 1 else 'models were'} stopped early by ASHA (pruned) "
+                 f"and left out: {len(cells)} models in {cells['trajectory'].nunique()} trajectories in all)"))
     diverged = cells[cells["diverged"].astype(bool)] if "diverged" in cells else cells.iloc[0:0]
     if len(diverged):
         say(wrap(f"\ndiverged (training went non-finite; ended, not retried): {diverged['trajectory'].nunique()} "
@@ -106,7 +110,10 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     factors = [f for f in ("srm", "cell_epochs", "lr", "seed", "momentum", "batch_size") if f in finished]
     variance = pd.concat([analysis.variance_decomposition(finished, m, factors).assign(metric=m)
                           for m in transfer if m in finished], ignore_index=True) if len(finished) else pd.DataFrame()
-    if len(variance):
+    if study.kind == "hpo":
+        say(wrap("\nwhich factor matters: an HPO sweep's sampled values are not a grid (no ANOVA shares); "
+                 "see the parameter importances (fANOVA) of the HPO answer below"))
+    elif len(variance):
         say(variance_text(variance))
         for row in variance.dropna(subset=["eta_sq"]).itertuples():
             metrics[f"variance/{row.metric.replace('/', '_')}/{row.factor}"] = float(row.eta_sq)

@@ -38,6 +38,11 @@ def _list(item_type):
     return parse
 
 
+def _objective(text: str) -> str | list[str]:
+    names = _list(str)(text)
+    return names[0] if len(names) == 1 else names
+
+
 def _bundle(text: str) -> int | str:
     if text == "auto":
         return text
@@ -88,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("hpo", help="Optuna TPE (through Ray Tune's OptunaSearch) with ASHA stopping")
     common(p)
-    p.add_argument("--objective", help="metric to optimise (default: the study's, agiri_val/auc)")
+    p.add_argument("--objective", type=_objective,
+                   help="metric to optimise (default: the study's, agiri_val/auc); several, comma-separated "
+                        "(cifake_val/auc,agiri_val/auc), search their Pareto front")
     p.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite:///./optuna.db)")
 
     p = sub.add_parser("cutoff", help="training-length cutoffs of a finished sweep, from MLflow")
@@ -160,8 +167,13 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
 
     plan = build_plan(request, study, name, ray_resources(request), bundle=bundle)
     say(f"MLflow tracking: {uri} (experiment {experiment!r}); view it with: {mlflow_ui_command(uri)}")
-    say(f"sweep {plan.name}: {plan.trajectory_count} trajectories, {plan.cell_count} cells, study {plan.study.source}"
-        + (f" (preset {plan.study.preset})" if plan.study.preset else ""))
+    if plan.kind == "hpo":
+        stops = "ASHA may stop a trial early" if not plan.study.metrics.multi_objective else "each runs its full length"
+        shape = (f"{plan.total_trials} trials sampled by Optuna, one model each, up to {plan.cell_epochs[-1]:g} epochs "
+                 f"({stops})")
+    else:
+        shape = f"{plan.trajectory_count} trajectories, {plan.cell_count} cells"
+    say(f"sweep {plan.name}: {shape}, study {plan.study.source}" + (f" (preset {plan.study.preset})" if plan.study.preset else ""))
 
     resume_cmd = f"python sweeps/run.py {kind} --resume {plan.name}" + (f" --storage-path {request.storage_path}" if request.storage_path else "")
     try:
@@ -189,6 +201,11 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
     from fakedet.report import analyse_sweep
 
     status = analyse_sweep(tracking, plan.study, plan.cell_epochs, outcome.record)
+    if plan.kind == "hpo":
+        from fakedet.sweep.execute import optuna_storage_url
+        from fakedet.sweep.hpo import answer_sweep
+
+        answer_sweep(optuna_storage_url(request), plan.name, tracking.client(), tracking.parent_run_id)
     if outcome.failed_trials:
         say(f"{outcome.failed_trials} trial(s) failed; their cells are marked FAILED in MLflow")
     tracking.client().set_terminated(tracking.parent_run_id, "FAILED" if outcome.failed_trials else "FINISHED")

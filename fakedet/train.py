@@ -135,6 +135,26 @@ def eval_steps(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
     return sorted(steps)
 
 
+def rounded_points(cfg: TrainConfig, n_items: int) -> list[tuple[float, float]]:
+    """The evaluation points that fall between optimizer steps, as (asked, measured) epochs: a point is
+    taken at the nearest whole step (`eval_steps`), so with 11 steps an epoch 0.25 is measured at 3/11 = 0.273."""
+    spe = BatchSchedule(n_items, cfg.batch_size, cfg.shuffle, cfg.seed).steps_per_epoch
+    total = total_steps(cfg, spe)
+    measured = [(e, min(total, max(1, round(e * spe))) / spe) for e in cfg.eval_at]
+    return [(e, m) for e, m in measured if abs(e - m) > 1e-9 * max(1.0, e)]
+
+
+def rounding_note(cfg: TrainConfig, n_items: int) -> str | None:
+    """One line saying which evaluation points are measured at another epoch than asked (None: none)."""
+    moved = rounded_points(cfg, n_items)
+    if not moved:
+        return None
+    spe = BatchSchedule(n_items, cfg.batch_size, cfg.shuffle, cfg.seed).steps_per_epoch
+    shown = ", ".join(f"{e:g} → {m:.3g}" for e, m in moved[:8]) + (f", … ({len(moved)} in all)" if len(moved) > 8 else "")
+    return (f"evaluation points at whole optimizer steps ({spe} per epoch at batch size {cfg.batch_size} on "
+            f"{n_items} images): {shown}")
+
+
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, round(cfg.epochs * steps_per_epoch))
 

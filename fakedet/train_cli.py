@@ -71,7 +71,7 @@ def run_train(args: argparse.Namespace) -> int:
     from fakedet.data import DataError, cache_hash, load_splits, resolve_data
     from fakedet.models import save_checkpoint
     from fakedet.provenance import run_record
-    from fakedet.train import train
+    from fakedet.train import rounding_note, train
 
     try:
         cfg = config_from_args(args)
@@ -87,6 +87,9 @@ def run_train(args: argparse.Namespace) -> int:
     eval_sets = {k: splits[k] for k in EVAL_SETS if k in splits}
     print(f"training {cfg.arch} srm={cfg.srm} for {cfg.epochs:g} epochs on {len(splits['cifake_train'])} images "
           f"({args.data}, cache {cache_hash(cache)})", file=sys.stderr)
+    note = rounding_note(cfg, len(splits["cifake_train"]))
+    if note:
+        print(note, file=sys.stderr)
     result = train(cfg, splits["cifake_train"], eval_sets, progress=not args.no_progress)
     record = {"config": cfg.to_dict(), "data": args.data, "data_hash": cache_hash(cache), **run_record(cfg.device)}
     if result.diverged:

@@ -207,26 +207,6 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace, run):
         assert len(c.get_metric_history(r.info.run_id, "cifake_test/acc")) == expected, r.info.run_name
 
 
-@pytest.mark.slow
-def test_hpo_smoke(workspace, run):
-    optuna_db = workspace.root / "optuna.db"
-    proc = run(workspace.args("hpo1", "--optuna-storage", f"sqlite:///{optuna_db}", kind="hpo"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import optuna
-
-    study = optuna.load_study(study_name="hpo1", storage=f"sqlite:///{optuna_db}")
-    assert len(study.trials) == 3
-    c, parent, children = workspace.runs("hpo1")
-    assert len(children) == 3
-    assert all("agiri_val/auc" in r.data.metrics for r in children)
-    # Optuna and ASHA see the best value so far: monotone in training time, never below the latest value
-    for r in children:
-        best = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "best/agiri_val/auc"), key=lambda m: m.step)]
-        latest = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "agiri_val/auc"), key=lambda m: m.step)]
-        assert best == sorted(best) and best[-1] == pytest.approx(max(latest))
-        assert r.data.metrics["best/agiri_val/auc/epoch"] > 0
-
-
 def test_bad_input_exits_2_as_a_user_sees_it(workspace, tmp_path, run):
     """The one bad-input case run as a process (the exit code a shell sees); the others run in-process in
     tests/test_plan.py."""

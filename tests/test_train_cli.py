@@ -29,6 +29,8 @@ def test_train_smoke_writes_a_checkpoint_history_and_summary(tmp_path):
     # 0.5 epochs lands on the nearest whole step (the tiny stand-in has 11 steps per epoch: step 6 = 0.545)
     epochs = [h["epoch"] for h in record["history"]]
     assert len(epochs) == 2 and abs(epochs[0] - 0.5) <= 1 / 11 and epochs[1] == 1.0
+    # and says so, once, before training
+    assert proc.stderr.count(f"0.5 → {epochs[0]:.3g}") == 1, proc.stderr[-2000:]
     assert record["config"]["srm"] == "pool2" and record["data_hash"]
     for key in ("code_version", "versions", "hardware"):
         assert key in record
@@ -58,3 +60,15 @@ def test_a_diverging_run_says_so_in_one_line_and_writes_no_checkpoint(tmp_path, 
     assert not out.exists()
     points = json.loads(history.read_text())["history"]
     assert points[-1]["diverged"] and not any(p["diverged"] for p in points[:-1])
+
+
+def test_rounded_evaluation_points_are_the_ones_between_steps():
+    from fakedet.config import TrainConfig
+    from fakedet.train import rounded_points, rounding_note
+
+    cfg = TrainConfig(epochs=2, batch_size=32, eval_at=(0.25, 0.5, 1.0))
+    assert rounded_points(cfg, 32 * 8) == []  # 8 steps an epoch: every point on a step
+    assert rounding_note(cfg, 32 * 8) is None
+    # 11 steps an epoch (the reference shuffle drops the last partial batch): 0.25 -> 3/11, 0.5 -> 6/11 (5.5 rounds to even)
+    assert rounded_points(cfg, 32 * 11 + 5) == [(0.25, 3 / 11), (0.5, 6 / 11)]
+    assert "0.25 → 0.273, 0.5 → 0.545" in rounding_note(cfg, 32 * 11 + 5)

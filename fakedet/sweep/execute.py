@@ -11,14 +11,14 @@ from typing import Any, Callable
 
 import optuna
 import ray
+import sqlalchemy
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from fakedet.config import default_cache_root
 from fakedet.console import say, wrap
 from fakedet.data import cache_hash, load_splits, resolve_data
 from fakedet.provenance import run_record
+from fakedet.sweep.hpo import Objectives, StudySearch, scheduler_for
 from fakedet.sweep.plan import SweepPlan, trial_resources
 from fakedet.sweep.progress import Progress
 from fakedet.sweep.record import write_sweep_file
@@ -32,6 +32,7 @@ from fakedet.sweep.trainable import run_trial
 from fakedet.sweep.preflight import answering_quickly
 from fakedet.sweep.trust import TAG_STATE_DIGEST, record_state
 from fakedet.sweep.writer import TrackingUnavailable, first_line, writer_for
+from fakedet.train import rounding_note
 
 
 @dataclass
@@ -155,16 +156,30 @@ def tune_config(plan: SweepPlan, request: SweepRequest) -> tune.TuneConfig:
         return tune.TuneConfig(num_samples=1, max_concurrent_trials=request.max_concurrent or None,
                                trial_dirname_creator=_trial_dirname)
     budget, metrics = plan.study.budget, plan.study.metrics
-    storage_url = request.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
-    searcher = OptunaSearch(storage=optuna.storages.RDBStorage(storage_url), study_name=plan.name, seed=budget.seed)
-    say(f"optuna study {plan.name!r} in {storage_url} (optuna-dashboard {storage_url})")
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=float(plan.cell_epochs[-1]), grace_period=float(budget.grace_period),
-                              reduction_factor=float(budget.reduction_factor))
-    # the best value so far, not the latest: monotone in training time, so ASHA's rungs and TPE compare
-    # trials at different lengths on the same quantity
-    return tune.TuneConfig(metric=plan.template.objective.best_key, mode=metrics.objective_mode, search_alg=searcher, scheduler=scheduler,
+    storage_url = optuna_storage_url(request)
+    objectives = Objectives.of(metrics)
+    searcher = StudySearch(objectives, plan.cell_epochs[-1], storage=optuna.storages.RDBStorage(storage_url),
+                           study_name=plan.name, seed=budget.seed)
+    say(f"optuna study {plan.name!r} in {storage_url} (view it with: optuna-dashboard {storage_url})")
+    if objectives.multi:
+        say(f"objectives {', '.join(objectives.keys)} ({', '.join(objectives.modes)}), each at a trial's last point; "
+            "no ASHA: every trial runs its full length (Ray's schedulers rank on one metric)")
+        # the searcher holds the metrics and modes (lists); Tune's own metric is single, so it stays unset
+        return tune.TuneConfig(search_alg=searcher, scheduler=scheduler_for(objectives, budget, plan.cell_epochs[-1]),
+                               num_samples=plan.total_trials, max_concurrent_trials=request.max_concurrent or budget.max_concurrent,
+                               trial_dirname_creator=_trial_dirname)
+    return tune.TuneConfig(metric=objectives.keys[0], mode=objectives.modes[0], search_alg=searcher,
+                           scheduler=scheduler_for(objectives, budget, plan.cell_epochs[-1]),
                            num_samples=plan.total_trials, max_concurrent_trials=request.max_concurrent or budget.max_concurrent,
                            trial_dirname_creator=_trial_dirname)
+
+
+def optuna_storage_url(request: SweepRequest) -> str:
+    return request.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+
+
+def hidden_password(url: str) -> str:
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def _trial_dirname(trial) -> str:
@@ -200,6 +215,12 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     if meta and meta.get("data_hash") not in (None, data_hash) and not request.allow_data_change:
         raise ValueError(f"--resume: the data changed since sweep {plan.name} started (cache {meta['data_hash']} then, "
                          f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
+    # said once per batch size (the HPO template's: a sampled batch size rounds its own way)
+    first = {t.config.batch_size: t.config for spec in (plan.trials or (plan.template,)) for t in spec.trajectories}
+    for cfg in first.values():
+        note = rounding_note(cfg, len(splits["cifake_train"]))
+        if note:
+            say(note)
     resources = plan.resources
     if plan.bundle > 1:
         say(f"bundles: up to {plan.bundle} trajectories per trial, one fused step each ({plan.total_trials} trials)")
@@ -216,6 +237,9 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
                         "cells": plan.cell_count,
                         # what the views need to redraw the cutoff analysis without the study file
                         "cutoff_select_on": plan.study.cutoff.select_on, "cutoff_report": list(plan.study.cutoff.report)}
+        if plan.kind == "hpo":  # where the answer is read back from (a password in the URL is not logged)
+            sweep_params.update({"optuna_study": plan.name, "optuna_storage": hidden_password(optuna_storage_url(request)),
+                                 "objective": ",".join(plan.study.metrics.objectives)})
         tracking = SweepTracking.open(tracking_uri, experiment, plan.name, sweep_params, {"fakedet.study": plan.study.name})
         write_sweep_file(storage, plan.name, {
             "kind": plan.kind, "name": plan.name, "tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,

@@ -74,8 +74,8 @@ class SweepRequest:
     seeds: int | None = None
     eval_at: tuple[int | float, ...] | None = None
     """extra evaluation points, in epochs"""
-    objective: str | None = None
-    """HPO: the metric optimised"""
+    objective: str | tuple[str, ...] | None = None
+    """HPO: the metric optimised (several: their Pareto front)"""
     bundle: int | str | None = None
     """trajectories per trial (auto, or a number); the sweep file holds the number chosen"""
     resume: str | None = None
@@ -146,7 +146,7 @@ class SweepRequest:
         budget = {"eval_at": list(self.eval_at)} if self.eval_at is not None else {}
         if self.bundle is not None:
             budget["bundle"] = self.bundle
-        metrics = {"objective": self.objective} if self.objective else {}
+        metrics = {"objective": _plain(self.objective)} if self.objective else {}
         return {k: v for k, v in (("space", space), ("budget", budget), ("metrics", metrics)) if v}
 
     def recorded(self) -> dict[str, Any]:

@@ -175,21 +175,47 @@ class Metrics(_Section):
     """The study's intrinsic skill: CIFAKE test accuracy, F1 and AUC."""
     transfer: Annotated[list[MetricName], Unique] = ["agiri_test/acc", "agiri_test/f1", "agiri_test/auc", "cifar100_test/real_recall"]
     """Transfer: AGIRI test, and CIFAR-100 test's real recall (every image there is real)."""
-    objective: MetricName = "agiri_val/auc"
+    objective: MetricName | list[MetricName] = "agiri_val/auc"
     """HPO only: the metric Optuna and ASHA optimise (never a test split): transfer-validation;
-    intrinsic alternatives are cifake_val/auc and cifake_val/loss."""
-    mode: Literal["max", "min"] | None = None
-    """HPO only: default min for losses, max otherwise."""
+    intrinsic alternatives are cifake_val/auc and cifake_val/loss. A list of two or more (e.g.
+    ["cifake_val/auc", "agiri_val/auc"], intrinsic vs transfer) searches their Pareto front."""
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] | None = None
+    """HPO only: default min for losses, max otherwise; a list, one per objective, for several."""
 
     @field_validator("objective")
     @classmethod
-    def _objective_not_test(cls, value: str) -> str:
-        refuse_test_split(value, "objective")
+    def _objective_not_test(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and (len(value) < 2 or len(set(value)) != len(value)):
+            raise ValueError("a list of objectives needs two or more different metrics")
+        for name in names:
+            refuse_test_split(name, "objective")
         return value
+
+    @model_validator(mode="after")
+    def _one_mode_per_objective(self) -> "Metrics":
+        if isinstance(self.mode, list) and len(self.mode) != len(self.objectives):
+            raise ValueError(f"mode: {len(self.mode)} modes for {len(self.objectives)} objectives")
+        return self
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return (self.objective,) if isinstance(self.objective, str) else tuple(self.objective)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        if isinstance(self.mode, list):
+            return tuple(self.mode)
+        return tuple(self.mode or ("min" if m.endswith("/loss") else "max") for m in self.objectives)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def objective_mode(self) -> str:
-        return self.mode or ("min" if self.objective.endswith("/loss") else "max")
+        """The mode of a single objective."""
+        return self.modes[0]
 
 
 class Cutoff(_Section):
@@ -600,7 +626,10 @@ class Study:
             raise StudyError(f"study {self.name!r} is a {self.kind} study, not an HPO study")
         epochs = self.spec.budget.epochs
         cfg = self._train_config(epochs=epochs, eval_at=tuple(sorted(self._hpo_points())))
-        objective = Objective(self.spec.metrics.objective, self.spec.metrics.objective_mode)
+        metrics = self.spec.metrics
+        # several objectives are read at each trial's last point (one model per point of the Pareto
+        # front), so the trial reports no best-so-far value (`fakedet.sweep.hpo`)
+        objective = None if metrics.multi_objective else Objective(metrics.objective, metrics.objective_mode)
         return TrialSpec((Trajectory(cfg, (float(epochs),)),), objective=objective)
 
     def _train_config(self, **values: Any) -> TrainConfig:

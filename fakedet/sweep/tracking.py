@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -253,8 +253,27 @@ class MlflowCellCallback(Callback):
         return finish
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        # a trial that completes with cells still open was stopped by the scheduler (ASHA) before their epochs
-        self._close_open_cells(trial, "KILLED")
+        # a trial that completes with cells still open was stopped by the scheduler (ASHA) before their epochs:
+        # pruned, as Optuna records it (`hpo.StudySearch`); MLflow has no such status, KILLED is its "ended
+        # from outside", the tag says why, and the run is renamed by the epochs it trained
+        epoch = (getattr(trial, "last_result", None) or {}).get("epoch")
+        for runs in self._runs_of(trial).runs:
+            for run in runs:
+                if not run.finished:
+                    run.finished = True
+                    self.writer.submit(self._prune(run, float(epoch) if isinstance(epoch, (int, float)) else None))
+
+    @staticmethod
+    def _prune(run: _CellRun, epoch: float | None) -> Callable[[MlflowClient], None]:
+        def prune(client: MlflowClient) -> None:
+            tags = [RunTag(TAG_STATUS, "pruned"), RunTag("fakedet.ended_before_epochs", "true")]
+            if epoch is not None:
+                name = Cell(replace(run.cell.config, epochs=epoch)).name + f" (pruned of {fmt_epochs(run.cell.epochs)})"
+                tags += [RunTag("fakedet.epochs_trained", fmt_epochs(epoch)), RunTag("mlflow.runName", name)]
+            client.log_batch(run.run_id, tags=tags)
+            client.set_terminated(run.run_id, "KILLED")
+
+        return prune
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._close_open_cells(trial, "FAILED")
