@@ -77,11 +77,13 @@ def test_planned_runs_are_found_again_by_their_trial(tracking):
     specs = Study.load("ablation", preset="smoke").trials()
     cb = MlflowCellCallback(tracking, None, {}, {})
     ids = cb.plan_runs(specs)
-    assert len(ids) == 4 and all(MlflowClient(tracking.uri).get_run(i).info.status == "SCHEDULED" for i in ids)
+    n_cells = sum(len(s.cells) for s in specs)
+    assert n_cells == 12  # the smoke preset: 2 placements x 2 lengths x 3 seeds
+    assert len(ids) == n_cells and all(MlflowClient(tracking.uri).get_run(i).info.status == "SCHEDULED" for i in ids)
     cb.on_trial_start(0, [], trial_of(specs[0], "tA"))
     assert cb.writer.flush(timeout=60)
     runs = tracking.cell_runs()
-    assert len(runs) == 4  # found, not created twice
+    assert len(runs) == n_cells  # found, not created twice
     started = [r for r in runs if r.data.tags.get("fakedet.trial") == "tA"]
     assert len(started) == 2 and all(r.info.status == "RUNNING" for r in started)
 
