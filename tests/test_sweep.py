@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import re
 import signal
-import tempfile
 import sqlite3
 import subprocess
+import tempfile
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-
 
 
 def assert_no_duplicate_points(c, runs):
@@ -23,53 +24,85 @@ def assert_no_duplicate_points(c, runs):
             assert len(steps) == len(set(steps)), f"{r.info.run_name}: duplicate steps in {key}: {sorted(steps)}"
 
 
+@dataclass(frozen=True)
+class SmokeRuns:
+    """The smoke ablation (`sweeps/run.py ablation --smoke`, run once per session) as its user sees it:
+    the console output and the MLflow runs."""
+
+    out: str
+    client: MlflowClient
+    parent: Any
+    children: list
+
+    def cell(self, srm: str, epochs: float):
+        return next(r for r in self.children if r.data.params["srm"] == srm and float(r.data.params["epochs"]) == epochs)
+
+
+@pytest.fixture(scope="module")
+def smoke(workspace, smoke_sweep) -> SmokeRuns:
+    c, parent, children = workspace.runs("smoke1")
+    return SmokeRuns(smoke_sweep.stdout, c, parent, children)
+
+
 @pytest.mark.slow
-def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
-    out = smoke_sweep.stdout
+def test_smoke_console_names_the_store_progress_links_and_headlines(smoke):
+    out = smoke.out
     assert out.splitlines()[0].startswith("MLflow tracking: sqlite:///")
     assert "mlflow ui --backend-store-uri sqlite:///" in out.splitlines()[0]
     assert "[progress] trials 2/2 done" in out
-    assert "headline: along training" in out or "cutoffs" in out
-
-    c, parent, children = workspace.runs("smoke1")
-    assert parent.info.status == "FINISHED"
     # direct links, at the start (runs, and a comparison of the planned cells) and at the end
-    exp = parent.info.experiment_id
-    assert out.count(f"http://127.0.0.1:5000/#/experiments/{exp}/runs") == 2
+    assert out.count(f"http://127.0.0.1:5000/#/experiments/{smoke.parent.info.experiment_id}/runs") == 2
     compares = [line for line in out.splitlines() if "#/compare-runs?runs=" in line]
-    assert len(compares) == 2 and all(all(r.info.run_id in line for r in children) for line in compares)
-    # smoke grid: srm {none, pool1} × epochs {1, 2} × lr {1e-3} × 1 seed
-    assert len(children) == 4
-    assert {(r.data.params["srm"], float(r.data.params["epochs"])) for r in children} == {
-        ("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
-    assert {r.data.params["epochs"] for r in children} == {"1", "2"}  # integral epochs log as integers
-    assert {r.data.tags["fakedet.trajectory"] for r in children} == {"none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"}
-    for r in children:
-        assert r.info.status == "FINISHED"
-        for p in ("srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle", "data", "data_hash", "code_version"):
-            assert p in r.data.params, p
-        m = r.data.metrics
-        for key in ("cifake_test/acc", "cifake_test/f1", "cifake_test/auc", "cifake_val/loss", "cifar100_test/real_recall",
-                    "agiri_test/acc", "agiri_val/auc", "train/loss", "epoch"):
-            assert key in m, key
-        assert m["epoch"] == pytest.approx(float(r.data.params["epochs"]))  # final value is at the cell's epoch count
-        assert not any(k.endswith(("/tp", "/n")) for k in m)  # counts live in artifacts, not in the run table
-        names = {a.path for a in c.list_artifacts(r.info.run_id)}
-        for artifact in ("model.pt", "cifake_test_thresholds.png", "cifake_test_confusion.csv", "cifar100_test_recall_fine.csv"):
-            assert artifact in names, (artifact, names)
-    # the curve: the 2-epoch cell has points at 0.5, 1 and 2 epochs
-    two = next(r for r in children if r.data.params["srm"] == "none" and float(r.data.params["epochs"]) == 2)
-    assert [round(m.value, 3) for m in sorted(c.get_metric_history(two.info.run_id, "epoch"), key=lambda m: m.step)] == [0.5, 1.0, 2.0]
-    assert_no_duplicate_points(c, children)
-    # the parent holds the correlations and the cutoff analysis
-    pm = parent.data.metrics
-    # the headline and its interval as metrics; the full tables as artifacts
+    assert len(compares) == 2 and all(all(r.info.run_id in line for r in smoke.children) for line in compares)
     # two trajectories are too few for an interval: the headline says so, with its n (the --seeds 2 sweep of
     # test_bundled_sweep_logs_the_same_cells_in_half_the_trials has one)
-    assert pm["headline/n_models"] == 4 and pm["headline/n_trajectories"] == 2
-    assert any(k.startswith("cutoff/transfer_val/") for k in pm) and not any(k.startswith("corr/") for k in pm)
     assert "headline: along training: change in agiri_test/acc from epoch 1 to 2 (mean over trajectories)" in out
     assert re.search(r"headline: across seeds within a condition: .*: not computable \(.*\), n = 0 trajectories", out), out[-3000:]
+
+
+@pytest.mark.slow
+def test_smoke_logs_one_finished_run_per_planned_cell(smoke):
+    assert smoke.parent.info.status == "FINISHED"
+    # smoke grid: srm {none, pool1} × epochs {1, 2} × lr {1e-2} × 1 seed
+    assert {(r.data.params["srm"], float(r.data.params["epochs"])) for r in smoke.children} == {
+        ("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
+    assert len(smoke.children) == 4
+    assert {r.data.params["epochs"] for r in smoke.children} == {"1", "2"}  # integral epochs log as integers
+    assert {r.data.tags["fakedet.trajectory"] for r in smoke.children} == {"none lr=0.01 seed=11", "pool1 lr=0.01 seed=11"}
+    for r in smoke.children:
+        assert r.info.status == "FINISHED", r.info.run_name
+        missing = {"srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle", "data", "data_hash", "code_version"} - set(r.data.params)
+        assert not missing, (r.info.run_name, missing)
+
+
+@pytest.mark.slow
+def test_smoke_cell_runs_hold_their_metrics_and_artifacts(smoke):
+    for r in smoke.children:
+        m = r.data.metrics
+        missing = {"cifake_test/acc", "cifake_test/f1", "cifake_test/auc", "cifake_val/loss", "cifar100_test/real_recall",
+                   "agiri_test/acc", "agiri_val/auc", "train/loss", "epoch"} - set(m)
+        assert not missing, (r.info.run_name, missing)
+        assert m["epoch"] == pytest.approx(float(r.data.params["epochs"]))  # final value is at the cell's epoch count
+        assert not any(k.endswith(("/tp", "/n")) for k in m)  # counts live in artifacts, not in the run table
+        names = {a.path for a in smoke.client.list_artifacts(r.info.run_id)}
+        assert {"model.pt", "cifake_test_thresholds.png", "cifake_test_confusion.csv", "cifar100_test_recall_fine.csv"} <= names, names
+
+
+@pytest.mark.slow
+def test_smoke_cell_curve_has_each_evaluation_point_once(smoke):
+    # the 2-epoch cell has points at 0.5, 1 and 2 epochs
+    history = smoke.client.get_metric_history(smoke.cell("none", 2).info.run_id, "epoch")
+    assert [round(m.value, 3) for m in sorted(history, key=lambda m: m.step)] == [0.5, 1.0, 2.0]
+    assert_no_duplicate_points(smoke.client, smoke.children)
+
+
+@pytest.mark.slow
+def test_smoke_parent_holds_the_headline_and_the_analysis(smoke):
+    c, parent = smoke.client, smoke.parent
+    # the headline and its n as metrics; the full tables as artifacts
+    pm = parent.data.metrics
+    assert pm["headline/n_models"] == 4 and pm["headline/n_trajectories"] == 2
+    assert any(k.startswith("cutoff/transfer_val/") for k in pm) and not any(k.startswith("corr/") for k in pm)
     analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
     assert {"analysis/cutoffs.csv", "analysis/correlations.csv", "analysis/cells_summary.csv", "analysis/variance.csv",
             "analysis/cutoff_comparison.csv", "analysis/run_record.json"} <= analysis
@@ -79,8 +112,13 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     assert {"scope", "intrinsic", "transfer", "method", "statistic", "ci_low", "ci_high", "p_value", "n_models", "n_trajectories"} <= set(corr)
     assert (corr["p_value"].dropna() > 0).all()  # a permutation p is never 0
     assert len(summary) == 4 and (summary["n_seeds"] == 1).all() and "agiri_test/auc_mean" in summary
-    # each figure is logged once, by the views, under figures/
+
+
+@pytest.mark.slow
+def test_smoke_figures_are_logged_once_by_the_views(smoke):
+    c, parent = smoke.client, smoke.parent
     figures = {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
+    analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
     assert "figures/cutoff_curves.png" in figures and not [a for a in analysis if a.endswith(".png")]
 
 
