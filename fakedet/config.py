@@ -1,41 +1,126 @@
-"""Typed training configuration. Every default is the reference study's protocol (section 3.1)."""
+"""Typed training configuration. Every default is the reference study's protocol (section 3.1).
+
+Each field's rule is the pydantic type in its annotation (`LearningRate`, `BatchSize`, ...). `TrainConfig`
+checks itself against `TRAIN_FIELDS`, a pydantic model generated from those annotations, and a study
+file's `[fixed]` table is that same model (its `[space]` axes are lists of the same types), so one rule
+per field holds wherever a value comes from: the constructor, `fakedet train`'s flags, a study file, a
+command-line override or a sampled HPO trial.
+"""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import numbers
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import operator
+import reprlib
+import typing
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from fakedet.models import ARCHITECTURES, PLACEMENTS
 
-SHUFFLE_MODES = ("reference", "full")
+# The weights train in float32 (`train.ieee_float32`): a learning rate above float32's largest number is
+# inf there (every update NaN from the first step), one below its smallest normal number flushes
+# updates to zero. Either can only fail, or do nothing, inside a trial.
+FLOAT32_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60  # a 100 MB value in a study file is named, not echoed whole
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = 8
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut short enough for a one-line error."""
+    try:
+        return _SHOWN.repr(value)
+    except ValueError:  # an int of more digits than Python turns into text
+        return f"<a {type(value).__name__} too long to show>"
+
+
+def clipped(name: str, limit: int = 60) -> str:
+    """A key or section name as written, cut in the middle when longer than `limit`."""
+    name = str(name)
+    return name if len(name) <= limit else f"{name[:limit // 2]}...{name[-limit // 2:]}"
+
+
+def joined(parts: list[str], most: int = 8) -> str:
+    """Errors as one line: the first `most` of them, then how many more (a list of 10^4 bad values is not echoed)."""
+    more = len(parts) - most
+    return "; ".join(parts[:most]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _known(names: dict | tuple, what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in names:
+            raise ValueError(f"unknown {what} {shown(value)} (known: {', '.join(names)})")
+        return value
+
+    return AfterValidator(check)
+
+
+def _float32_range(value: float) -> float:
+    low, high = FLOAT32_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"must lie in float32's range [{low:.3g}, {high:.3g}] (the weights' type), got {shown(value)}")
+    return value
+
+
+def _integer(value: Any) -> Any:
+    # numpy integers (a seed from np.arange) are integers; bools are not
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return operator.index(value)
+    return value
+
+
+def _as_tuple(value: Any) -> Any:
+    # a list (from JSON, argparse or Ray) is kept as a tuple: the dataclass stays hashable
+    return tuple(value) if isinstance(value, list) else value
+
+
+# ---- one rule per field: the dataclass below, `TRAIN_FIELDS`, `[fixed]` and `[space]` all use these ----
+Architecture = Annotated[str, _known(ARCHITECTURES, "architecture")]
+Placement = Annotated[str, _known(PLACEMENTS, "SRM placement")]
+Epochs = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False), AfterValidator(_float32_range)]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+BatchSize = Annotated[int, Field(gt=0)]
+Shuffle = Literal["reference", "full"]
+SHUFFLE_MODES = typing.get_args(Shuffle)
+# numpy's seed sequences take non-negative integers, torch.manual_seed at most 64 bits
+Seed = Annotated[int, BeforeValidator(_integer), Field(ge=0, lt=2**64)]
+EvalPoint = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+EvalPoints = Annotated[tuple[EvalPoint, ...], BeforeValidator(_as_tuple)]
+EvalBatchSize = Annotated[int, Field(gt=0)]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    arch: str = "cifar_cnn"
+    arch: Architecture = "cifar_cnn"
     """Architecture name from `fakedet.models.ARCHITECTURES`: the PyTorch CIFAR tutorial net."""
-    srm: str = "none"
+    srm: Placement = "none"
     """SRM placement from `fakedet.models.PLACEMENTS`: none (the study's base model), pool1 (its SRM model), pool2, both."""
-    epochs: float = 10
+    epochs: Epochs = 10
     """Training length in epochs; the study trained 10 (base, SRM), 1 (mini), and tried 50 and 100."""
-    lr: float = 1e-3
+    lr: LearningRate = 1e-3
     """SGD learning rate (the study's 0.001), constant: no schedule."""
-    momentum: float = 0.9
+    momentum: Momentum = 0.9
     """SGD momentum (the study's 0.9)."""
-    batch_size: int = 32
+    batch_size: BatchSize = 32
     """Images per step (the study's 32)."""
-    shuffle: str = "reference"
+    shuffle: Shuffle = "reference"
     """`reference`: one seeded shuffle into fixed batches, then each epoch shuffles the batch order and the
     items inside each batch, as the study's loader did (a remainder smaller than a batch is dropped, as
     there). `full`: a fresh permutation of all items every epoch, last partial batch kept."""
-    seed: int = 11
+    seed: Seed = 11
     """Seeds the initial weights and every shuffle. 11 is the seed of the study's one-time data shuffle."""
-    eval_at: tuple[float, ...] = ()
+    eval_at: EvalPoints = ()
     """Epochs (fractions allowed, e.g. 0.05, 0.25, 1, 10) at which every evaluation set is scored.
     The end of training is always an evaluation point."""
-    eval_batch_size: int = 1024
+    eval_batch_size: EvalBatchSize = 1024
     """Images per forward pass during evaluation; no effect on results."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
@@ -48,36 +133,12 @@ class TrainConfig:
     software, at the cost of the faster algorithms (README, "GPU", gives the measured cost)."""
 
     def __post_init__(self) -> None:
-        # eval_at may arrive as a list (from JSON, argparse or Ray); keep the dataclass hashable.
-        object.__setattr__(self, "eval_at", tuple(float(e) for e in self.eval_at))
-        self.validate()
+        checked = _check(self.to_dict())
+        object.__setattr__(self, "eval_at", checked.eval_at)  # a list given is kept as a tuple
 
     def validate(self) -> None:
-        errors = []
-        if self.arch not in ARCHITECTURES:
-            errors.append(f"arch {self.arch!r} is unknown (known: {', '.join(ARCHITECTURES)})")
-        if self.srm not in PLACEMENTS:
-            errors.append(f"srm placement {self.srm!r} is unknown (known: {', '.join(PLACEMENTS)})")
-        if not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0):
-            errors.append(f"epochs must be a positive number, got {self.epochs!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            errors.append(f"lr must be > 0, got {self.lr!r}")
-        if not (0 <= self.momentum < 1):
-            errors.append(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
-            errors.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        # numpy's seed sequences take non-negative integers, torch.manual_seed at most 64 bits
-        if not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**64):
-            errors.append(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
-        if not isinstance(self.deterministic, bool):
-            errors.append(f"deterministic must be true or false, got {self.deterministic!r}")
-        if self.shuffle not in SHUFFLE_MODES:
-            errors.append(f"shuffle must be one of {SHUFFLE_MODES}, got {self.shuffle!r}")
-        bad_points = [e for e in self.eval_at if not (e > 0 and e <= self.epochs)]
-        if bad_points:
-            errors.append(f"eval_at points must lie in (0, epochs={self.epochs}], got {bad_points}")
-        if errors:
-            raise ValueError("invalid training config: " + "; ".join(errors))
+        """Every field checked by its rule; one ValueError naming every broken one."""
+        _check(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,11 +147,55 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        """A config from plain data (JSON, a checkpoint): unknown keys are refused with the broken values."""
+        _check(d)
         return cls(**d)
+
+
+class _TrainRules(BaseModel):
+    # strict: no silent "10" -> 10 or true -> 1 (an int is a float, as in TOML); extra="forbid": a typo
+    # is an error, not a default
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="after")
+    def _points_within_training(self) -> "_TrainRules":
+        beyond = [e for e in self.eval_at if e > self.epochs]
+        if beyond:
+            raise ValueError(f"eval_at points must lie in (0, epochs={self.epochs:g}], got {shown(beyond)}")
+        return self
+
+
+def _fields_model(cls: type) -> type[BaseModel]:
+    """A pydantic model of the dataclass: its fields, annotations (the rules) and defaults."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls)}
+    return create_model(f"{cls.__name__}Fields", __base__=_TrainRules, __module__=__name__, **fields)
+
+
+TRAIN_FIELDS = _fields_model(TrainConfig)
+"""TrainConfig's fields as a pydantic model: what `TrainConfig` checks itself with and what a study's `[fixed]` is."""
+
+
+def explain(error: ValidationError) -> list[tuple[tuple[str, ...], str]]:
+    """Pydantic's errors as (location, message) pairs, each message one line naming the value it refuses."""
+    out = []
+    for e in error.errors():
+        loc = tuple(clipped(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] not in ("value_error", "missing") and "input" in e:
+            msg += f", got {shown(e['input'])}"
+        out.append((loc, msg))
+    return out
+
+
+def _check(values: dict[str, Any]) -> BaseModel:
+    try:
+        return TRAIN_FIELDS.model_validate(values)
+    except ValidationError as e:
+        raise ValueError("invalid training config: " + joined([f"{'.'.join(loc)}: {msg}" if loc else msg
+                                                                for loc, msg in explain(e)])) from None
 
 
 def dense_eval_points(epochs: float, per_first_epoch: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75), per_decade: int = 4) -> tuple[float, ...]:
@@ -115,7 +220,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mini": {"srm": "none", "epochs": 1},
 }
 
-__all__ = ["TrainConfig", "SHUFFLE_MODES", "PRESETS", "dense_eval_points"]
+__all__ = ["TrainConfig", "TRAIN_FIELDS", "SHUFFLE_MODES", "PRESETS", "clipped", "dense_eval_points", "explain", "joined", "shown"]
 
 
 def default_cache_root() -> str:

@@ -14,13 +14,19 @@ import math
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from fakedet.metrics import THRESHOLD_CURVES
+from fakedet.config import TrainConfig
+from fakedet.metrics import THRESHOLD_CURVES, draw_threshold_curves, threshold_counts
+from fakedet.models import PLACEMENTS
 from fakedet.results import SweepResults
 from fakedet.sweep.study import Cutoff
 
@@ -152,47 +158,269 @@ def cutoff_comparison(results: SweepResults) -> pd.DataFrame:
 
 def _analysis_artifact(results: SweepResults, name: str) -> pd.DataFrame:
     try:
-        return results.artifact_table(results.parent_run_id, f"analysis/{name}")
+        return results.artifact_table(results.parent_run_id, results.analysis_file(name))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}. The sweep's analysis has not been logged; run "
                                 f"`python sweeps/run.py cutoff --sweep {results.name}` to create it") from None
 
 
 # ---------------------------------------------------------------------------------------------------
+# one look for every figure
+# ---------------------------------------------------------------------------------------------------
+# Okabe & Ito's colour-blind-safe palette ("Color Universal Design", 2008), handed out in the order of
+# the placement registry: a placement has the same colour in every figure of every sweep. The base
+# model ("none") gets the dark grey, the study's SRM model ("pool1") the blue.
+PALETTE = ("#555555", "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
+PLACEMENT_COLOURS: dict[str, str] = dict(zip(PLACEMENTS, PALETTE))
+UNKNOWN_PLACEMENT_COLOUR = "#000000"  # a placement an older sweep used and the registry no longer has
+# A learning rate's line style by its rank among the sweep's rates, smallest first. An HPO sweep samples
+# more rates than styles can tell apart: there every line is solid.
+LR_DASHES = ("-", "--", ":", "-.")
+# A cell's marker in the transfer scatter, by the rank of its epoch count among the sweep's.
+EPOCH_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h")
+# Where each cutoff rule (fakedet.analysis.cutoff_table) stopped, on the cutoff curves; the fixed_<E>
+# rules are the cells' own lengths and need no marker.
+RULE_MARKERS = {"transfer_val": "*", "intrinsic_val_loss": "v", "intrinsic_val_acc": "^", "patience": "s",
+                "oracle_test": "X"}
+LEGEND_PT = 9  # legends and tick labels at least this size: readable at the 110 dpi the PNGs are saved at
+BAND_ALPHA = 0.18
+# Round epoch counts for log axes: ticks read "0.1, 1, 10, 50", never "6×10⁻¹"
+EPOCH_TICKS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+MAX_EPOCH_TICKS = 7
+# The grid factors that make a condition; seeds are its replicates.
+CONDITION_COLUMNS = ("srm", "lr", "momentum", "batch_size")
+# What each metric measures, for axis labels (the unit of the y axis)
+METRIC_UNITS = {"acc": "accuracy, fraction correct", "auc": "ROC AUC", "ap": "average precision", "f1": "F1 of REAL",
+                "f1_macro": "macro F1", "loss": "BCE, nats per image", "real_recall": "fraction predicted REAL"}
+
+
+def placement_colour(srm: str) -> str:
+    """The colour of an SRM placement in every figure (`PLACEMENT_COLOURS`)."""
+    return PLACEMENT_COLOURS.get(srm, UNKNOWN_PLACEMENT_COLOUR)
+
+
+def _placement_order(srm: str) -> tuple[int, str]:
+    names = list(PLACEMENTS)
+    return (names.index(srm) if srm in names else len(names), srm)
+
+
+def plural(n: float, unit: str, units: str | None = None) -> str:
+    """`1 seed`, `2 seeds`, `0.5 epochs`: a count with its unit, singular only for exactly one."""
+    return f"{n:g} {unit}" if n == 1 else f"{n:g} {units or unit + 's'}"
+
+
+def count_range(counts: Sequence[int], unit: str) -> str:
+    """`n = 2 seeds`, or `n = 1–2 seeds` where the counts differ."""
+    counts = [int(c) for c in counts]
+    if not counts:
+        return f"n = 0 {unit}s"
+    lo, hi = min(counts), max(counts)
+    return f"n = {plural(lo, unit)}" if lo == hi else f"n = {lo}–{hi} {unit}s"
+
+
+def metric_label(metric: str) -> str:
+    """`agiri_test/auc (ROC AUC)`: a metric's name with what its values are."""
+    what = metric.split("/", 1)[-1]
+    if metric == "train/loss":
+        return "train/loss (mean batch BCE since the previous point, nats)"
+    for key in (what, what.split("_", 1)[0]):
+        if key in METRIC_UNITS:
+            return f"{metric} ({METRIC_UNITS[key]})"
+    return metric
+
+
+@dataclass(frozen=True)
+class Look:
+    """How every figure of one sweep draws a condition: colour by SRM placement (`placement_colour`, the
+    same in every sweep), line style by learning rate (its rank among this sweep's rates)."""
+
+    lrs: tuple[float, ...]
+
+    @classmethod
+    def of(cls, results: SweepResults) -> "Look":
+        values = [float(v) for frame in (results.cells, results.points) if "lr" in frame for v in frame["lr"].dropna()]
+        return cls(tuple(sorted(set(values))))
+
+    @property
+    def styled_lrs(self) -> bool:
+        return 1 < len(self.lrs) <= len(LR_DASHES)
+
+    def dash(self, lr: float) -> str:
+        if not self.styled_lrs:
+            return "-"
+        return LR_DASHES[int(np.argmin(np.abs(np.log10(self.lrs) - math.log10(float(lr)))))]
+
+    def legend_groups(self, placements: Sequence[str], band: str | None = None) -> list[tuple[str, list]]:
+        """The figure legend's groups of proxy artists: one entry per placement (colour), per learning rate
+        (line style), and what the band is."""
+        groups = [("placement", [Line2D([], [], color=placement_colour(s), linewidth=2.5, label=s)
+                                 for s in sorted(set(placements), key=_placement_order)])]
+        if self.styled_lrs:
+            groups.append(("learning rate", [Line2D([], [], color="black", linestyle=self.dash(lr), linewidth=1.5, label=f"{lr:g}")
+                                             for lr in self.lrs]))
+        elif len(self.lrs) == 1:
+            groups.append(("learning rate", [Line2D([], [], color="black", linewidth=1.5, label=f"{self.lrs[0]:g} (every line)")]))
+        else:
+            groups.append(("learning rate", [Line2D([], [], color="black", linewidth=1.5, label=f"{len(self.lrs)} rates: all solid")]))
+        if band:
+            groups.append(("band", [Patch(color="grey", alpha=BAND_ALPHA * 2, label=band)]))
+        return groups
+
+
+def _figure_legend(fig: Figure, groups: list[tuple[str, list]]) -> None:
+    """One legend for the whole figure, below the panels (never over the data): a column per group,
+    its heading in bold on top."""
+    rows = 1 + max(len(items) for _, items in groups)
+    handles, labels, headings = [], [], []
+    for title, items in groups:
+        headings.append(len(handles))
+        column = [Line2D([], [], linestyle="none")] + list(items)
+        column += [Line2D([], [], linestyle="none")] * (rows - len(column))
+        handles += column
+        labels += [title] + [h.get_label() for h in items] + [""] * (rows - 1 - len(items))
+    legend = fig.legend(handles, labels, loc="outside lower center", ncol=len(groups), fontsize=LEGEND_PT, frameon=False,
+                        handlelength=2.4, columnspacing=2.0)
+    for i in headings:
+        legend.get_texts()[i].set_fontweight("bold")
+
+
+def epoch_axis(ax, epochs: Sequence[float]) -> None:
+    """A log epoch axis with round, plainly written ticks (0.1, 1, 10, 50), the longest length always among them."""
+    epochs = np.asarray([e for e in epochs if e > 0], float)
+    ax.set_xscale("log")
+    ax.set_xlabel("epochs trained (log scale)")
+    if not len(epochs):
+        return
+    lo, hi = float(epochs.min()), float(epochs.max())
+    # within the axis' margin below: a first point at 0.107 epochs (6 steps of 56) still gets its 0.1
+    ticks = [t for t in EPOCH_TICKS if lo / 1.25 <= t <= hi * (1 + 1e-9)]
+    if len(ticks) > MAX_EPOCH_TICKS:
+        ticks = [t for t in ticks if math.log10(t).is_integer()]
+    ticks = sorted(set(ticks) | {hi})
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(lo / 1.25, hi * 1.25)
+
+
+# ---------------------------------------------------------------------------------------------------
+# curves over seeds
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Curve:
+    """One condition's metric along training: the mean over its seeds at each evaluation point, their
+    standard deviation (NaN where one seed) and how many seeds were there (a diverged one ends early)."""
+
+    label: str
+    srm: str
+    lr: float
+    epoch: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    n: np.ndarray
+    trajectories: tuple[str, ...]
+
+
+def _condition_columns(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(the condition columns present, those of them beyond srm and lr that vary and so go into labels)."""
+    present = [c for c in CONDITION_COLUMNS if c in frame]
+    varying = [c for c in present if c not in ("srm", "lr") and frame[c].nunique(dropna=True) > 1]
+    return present, varying
+
+
+def _condition_label(row: pd.Series, varying: Sequence[str]) -> str:
+    short = {"momentum": "m", "batch_size": "bs"}
+    return f"{row['srm']} lr={float(row['lr']):g}" + "".join(f" {short[c]}={row[c]:g}" for c in varying)
+
+
+def condition_curves(points: pd.DataFrame, metric: str) -> list[Curve]:
+    """`metric` along training per condition (placement, learning rate, and momentum or batch size where
+    they vary), aggregated over its seeds, in placement-registry then learning-rate order."""
+    if metric not in points or points.empty:
+        return []
+    present, varying = _condition_columns(points)
+    curves = []
+    for _, group in points.dropna(subset=[metric]).groupby(present, sort=False, dropna=False):
+        first = group.iloc[0]
+        # seeds of a condition share their schedule, so their points share steps
+        per = group.groupby("step", sort=True).agg(epoch=("epoch", "mean"), mean=(metric, "mean"), sd=(metric, "std"),
+                                                   n=(metric, "count"))
+        curves.append(Curve(_condition_label(first, varying), str(first["srm"]), float(first["lr"]), per["epoch"].to_numpy(float),
+                            per["mean"].to_numpy(float), per["sd"].to_numpy(float), per["n"].to_numpy(int),
+                            tuple(dict.fromkeys(group["trajectory"]))))
+    return sorted(curves, key=lambda c: (_placement_order(c.srm), c.lr, c.label))
+
+
+def _draw_curve(ax, curve: Curve, look: Look) -> None:
+    colour = placement_colour(curve.srm)
+    ax.plot(curve.epoch, curve.mean, look.dash(curve.lr), color=colour, label=curve.label, linewidth=1.6,
+            marker="o", markersize=2.5)
+    spread = curve.n >= 2
+    if spread.any():
+        ax.fill_between(curve.epoch, curve.mean - curve.sd, curve.mean + curve.sd, where=spread, color=colour,
+                        alpha=BAND_ALPHA, linewidth=0)
+
+
+def _seed_counts(curves: Sequence[Curve]) -> list[int]:
+    return [int(n) for c in curves for n in c.n]
+
+
+def _band_text(curves: Sequence[Curve]) -> str | None:
+    return "±1 SD over seeds" if any((c.n >= 2).any() for c in curves) else None
+
+
+def _replicates_note(curves: Sequence[Curve]) -> str:
+    """What a line and its band are, with n: `lines: mean over n = 2 seeds; band: ±1 SD`."""
+    n = count_range(_seed_counts(curves), "seed")
+    if max(_seed_counts(curves), default=0) < 2:
+        return f"lines: one trajectory each ({n} per condition, no band)"
+    return f"lines: mean over {n} per condition; band: ±1 SD over seeds (unit: trajectory)"
+
+
+def _panel_grid(n: int, ncols: int, width: float, height: float, legend_height: float = 1.3, **kw) -> tuple[Figure, np.ndarray]:
+    """`n` panels of width × height inches in rows of `ncols`, room for a title above and a legend below."""
+    ncols = max(1, min(n, ncols))
+    nrows = max(1, math.ceil(n / ncols))
+    fig = Figure(figsize=(max(width * ncols, 7.0), height * nrows + 0.7 + legend_height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw).reshape(-1)
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, axes
+
+
+def _style_axes(ax) -> None:
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=LEGEND_PT)
+    if ax.get_subplotspec() is not None and not ax.get_subplotspec().is_first_col() and ax.get_shared_y_axes().get_siblings(ax)[1:]:
+        ax.set_ylabel("")  # a shared y axis is named once, on the left
+
+
+# ---------------------------------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------------------------------
-def _trajectory_labels(points: pd.DataFrame) -> dict[str, str]:
-    """Each trajectory's name in legends: `pool1 lr=0.001 seed=11`, plus momentum and batch size where they vary."""
-    extra = [(c, short) for c, short in (("momentum", "m"), ("batch_size", "bs")) if c in points and points[c].nunique(dropna=True) > 1]
-    labels = {}
-    for trajectory, group in points.groupby("trajectory", sort=False):
-        row = group.iloc[0]
-        label = f"{row['srm']} lr={float(row['lr']):g} seed={int(row['seed'])}"
-        labels[trajectory] = label + "".join(f" {short}={row[c]:g}" for c, short in extra)
-    return labels
-
-
 def figure4(results: SweepResults, metrics: Sequence[str] = FIGURE4_METRICS, max_epoch: float = 1.0) -> Figure:
-    """The study's figure 4: learning progress within the first epoch, one line per trajectory."""
+    """The study's figure 4: learning progress within the first epoch, a line per condition (mean over
+    its seeds, ±1 SD band), coloured by placement, styled by learning rate."""
     points = results.points
     early = points[points["epoch"].astype(float) <= max_epoch + 1e-9] if "epoch" in points else points.iloc[0:0]
     metrics = [m for m in metrics if m in points]
-    fig = Figure(figsize=(4.2 * max(len(metrics), 1), 3.6), layout="constrained")
-    axes = fig.subplots(1, max(len(metrics), 1), squeeze=False)[0]
+    fig, axes = _panel_grid(max(len(metrics), 1), 3, 4.0, 3.3)
+    span = "the first epoch" if max_epoch == 1 else f"the first {plural(max_epoch, 'epoch')}"
     if early.empty or not metrics:
-        axes[0].text(0.5, 0.5, f"no evaluation points within epoch {max_epoch:g}", ha="center", va="center")
+        axes[0].text(0.5, 0.5, f"no evaluation points within {span}", ha="center", va="center")
         axes[0].set_axis_off()
         return fig
-    labels = _trajectory_labels(points)
+    look = Look.of(results)
+    curves = {m: condition_curves(early, m) for m in metrics}
     for ax, metric in zip(axes, metrics):
-        for trajectory, group in early.groupby("trajectory", sort=False):
-            group = group.sort_values("step")
-            ax.plot(group["epoch"], group[metric], marker=".", label=labels[trajectory], alpha=0.85)
-        ax.set(xlabel="epoch", title=metric, xlim=(0, max_epoch * 1.02))
-        ax.grid(alpha=0.3)
-    if len(labels) <= 12:
-        axes[-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{results.name}: learning progress within the first " + ("epoch" if max_epoch == 1 else f"{max_epoch:g} epochs"))
+        for curve in curves[metric]:
+            _draw_curve(ax, curve, look)
+        ax.set(xlabel="epochs trained", title=metric, ylabel=metric_label(metric).split(" (", 1)[-1].rstrip(")"),
+               xlim=(0, max_epoch * 1.02))
+        _style_axes(ax)
+    every = [c for cs in curves.values() for c in cs]
+    _figure_legend(fig, look.legend_groups([c.srm for c in every], _band_text(every)))
+    fig.suptitle(f"{results.name}: learning progress within {span}\n{_replicates_note(every)}", fontsize=11)
     return fig
 
 
@@ -200,8 +428,6 @@ def figure5_cells(results: SweepResults, max_panels: int = 6) -> pd.DataFrame:
     """The cells figure 5 shows by default, as in the study: per SRM placement the longest-trained cell
     (the study's base and SRM models), and the shortest base cell (its 1-epoch "mini" model), each at the
     learning rate closest to the study's (TrainConfig's default) and the lowest seed."""
-    from fakedet.config import TrainConfig
-
     cells = results.finished_cells()
     if cells.empty:
         return cells
@@ -232,104 +458,164 @@ def figure5(results: SweepResults, dataset: str = "cifake_test", cells: pd.DataF
     elif not isinstance(cells, pd.DataFrame):
         ids = list(cells)
         cells = results.cells.set_index("run_id").loc[ids].reset_index()
-    n = max(len(cells), 1)
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(4.4 * ncols, 3.4 * nrows + 0.5), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).reshape(-1)
-    for ax in axes[len(cells):]:
-        ax.set_axis_off()
+    fig, axes = _panel_grid(max(len(cells), 1), 3, 4.2, 3.3, legend_height=0.3, sharey=True)
     if len(cells) == 0:
         axes[0].text(0.5, 0.5, "no finished cells", ha="center", va="center")
+        axes[0].set_axis_off()
         return fig
+    sizes = set()
     for ax, (_, cell) in zip(axes, cells.iterrows()):
         table = results.artifact_table(cell["run_id"], f"{dataset}_thresholds.csv")
-        for column, (label, line, colour) in THRESHOLD_CURVES.items():
-            ax.plot(table["threshold"], table[column], line, color=colour, label=label, linewidth=1.3)
-        ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="threshold (REAL iff p ≥ t)",
-               title=f"srm={cell['srm']}, {cell['cell_epochs']:g} epochs, lr={cell['lr']:g}")
-        ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(THRESHOLD_CURVES), fontsize="small")
-    fig.suptitle(f"{results.name}: {dataset} metrics against the decision threshold")
+        draw_threshold_curves(ax, table)
+        n_real, n_fake = threshold_counts(table)
+        sizes.add((n_real, n_fake))
+        ax.set_title(f"srm={cell['srm']}, {plural(float(cell['cell_epochs']), 'epoch')}, lr={cell['lr']:g}, seed {int(cell['seed'])}",
+                     color=placement_colour(cell["srm"]), fontsize=10)
+        _style_axes(ax)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(THRESHOLD_CURVES), fontsize=LEGEND_PT,
+               frameon=False)
+    size = "; ".join(f"{r + f} images ({r} REAL, {f} FAKE)" for r, f in sorted(sizes))
+    fig.suptitle(f"{results.name}: {dataset} metrics against the decision threshold\n"
+                 f"one model per panel, n = {size}; no interval (one model on one test set)", fontsize=11)
     return fig
 
 
 def transfer_scatter(results: SweepResults, x: str = "cifake_test/acc", y: str = "agiri_test/auc") -> Figure:
     """Transfer (`y`) against intrinsic (`x`) performance, one marker per finished cell (colour: placement,
-    size: epochs); the cells of one trajectory are joined by a faint line, as they are one model read
-    at several lengths, not independent models."""
+    shape: epochs); the cells of one trajectory are joined by a faint line (style: learning rate), as they
+    are one model read at several lengths, not independent models."""
     cells = results.finished_cells()
     for name in (x, y):
         if name not in cells:
             raise KeyError(f"the sweep's cells have no metric {name!r}")
-    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    look = Look.of(results)
+    lengths = sorted(cells["cell_epochs"].astype(float).unique())
+    marker = {e: EPOCH_MARKERS[i % len(EPOCH_MARKERS)] for i, e in enumerate(lengths)}
+    fig = Figure(figsize=(7.2, 6.4), layout="constrained")
     ax = fig.subplots()
-    for srm, group in cells.groupby("srm", sort=False):
-        sizes = 20 + 12 * np.log10(group["cell_epochs"].astype(float).clip(lower=0.01) * 10)
-        dots = ax.scatter(group[x], group[y], s=sizes, label=f"srm={srm}", alpha=0.8)
-        for _, traj in group.groupby("trajectory", sort=False):
-            traj = traj.sort_values("cell_epochs")
-            ax.plot(traj[x], traj[y], color=dots.get_facecolor()[0], alpha=0.25, linewidth=0.8)
+    for trajectory, traj in cells.groupby("trajectory", sort=False):
+        traj = traj.sort_values("cell_epochs")
+        ax.plot(traj[x], traj[y], look.dash(traj["lr"].iloc[0]), color=placement_colour(traj["srm"].iloc[0]), alpha=0.4,
+                linewidth=1, zorder=1)
+    for (srm, epochs), group in sorted(cells.groupby(["srm", "cell_epochs"], sort=False), key=lambda kv: (_placement_order(kv[0][0]), kv[0][1])):
+        ax.scatter(group[x], group[y], s=42, marker=marker[float(epochs)], color=placement_colour(srm), edgecolor="black",
+                   linewidth=0.5, alpha=0.9, zorder=2, label=f"{srm}, {plural(float(epochs), 'epoch')}")
+    _style_axes(ax)
+    ax.set(xlabel=metric_label(x), ylabel=metric_label(y))
+    groups = look.legend_groups(cells["srm"].tolist())
+    groups.append(("epochs trained", [Line2D([], [], linestyle="none", marker=marker[e], color="grey", markeredgecolor="black",
+                                             label=plural(e, "epoch")) for e in lengths]))
+    _figure_legend(fig, groups)
     n_traj = cells["trajectory"].nunique()
-    ax.set(xlabel=x, ylabel=y, title=f"{y} vs {x}: {len(cells)} cells of {n_traj} trajectories")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.suptitle(f"{results.name}: {y} against {x}\nn = {plural(len(cells), 'model')} (cells) of {plural(n_traj, 'trajectory', 'trajectories')}; "
+                 "one point per model, no interval;\nlines join one trajectory's cells (one model read at several lengths, not independent)",
+                 fontsize=10)
     return fig
 
 
 def seed_spread(results: SweepResults, metric: str = "agiri_test/auc") -> Figure:
-    """A metric against epochs per cell condition: the mean over seeds with a ±1 std bar (n seeds in the
-    legend), a panel per placement, a line per learning rate."""
+    """A metric against epochs per cell condition: the mean over seeds with a ±1 SD bar, a panel per
+    placement (in its colour), a line per learning rate (its style; n seeds in the legend)."""
     cells = results.finished_cells()
     if metric not in cells:
         raise KeyError(f"the sweep's cells have no metric {metric!r}")
-    panels = list(dict.fromkeys(cells["srm"]))
-    fig = Figure(figsize=(4.2 * max(len(panels), 1), 3.6), layout="constrained")
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False, sharey=True)[0]
+    look = Look.of(results)
+    panels = sorted(dict.fromkeys(cells["srm"]), key=_placement_order)
+    fig, axes = _panel_grid(max(len(panels), 1), 3, 3.8, 3.3, legend_height=0.9, sharey=True)
+    counts, seeds_per_lr = [], {}
     for ax, srm in zip(axes, panels):
         for lr, group in cells[cells["srm"] == srm].groupby("lr"):
             stats_ = group.groupby("cell_epochs")[metric].agg(["mean", "std", "count"]).reset_index()
-            ax.errorbar(stats_["cell_epochs"], stats_["mean"], yerr=stats_["std"].fillna(0), marker="o", capsize=3,
-                        label=f"lr={lr:g} (n={int(stats_['count'].min())}–{int(stats_['count'].max())} seeds)")
-        ax.set_xscale("log")
-        ax.set(xlabel="epochs", title=f"srm={srm}", ylabel=metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{results.name}: {metric}, mean ± std over seeds")
+            counts += stats_["count"].astype(int).tolist()
+            seeds_per_lr.setdefault(float(lr), []).extend(stats_["count"].astype(int))
+            ax.errorbar(stats_["cell_epochs"], stats_["mean"], yerr=stats_["std"].fillna(0), fmt=look.dash(lr), marker="o",
+                        color=placement_colour(srm), capsize=3, label=f"lr={lr:g}")
+        epoch_axis(ax, cells["cell_epochs"].astype(float))
+        ax.set_title(f"srm={srm}", color=placement_colour(srm))
+        ax.set_ylabel(metric_label(metric))
+        _style_axes(ax)
+    groups = look.legend_groups(panels)
+    groups[1] = ("learning rate", [Line2D([], [], color="black", linestyle=look.dash(lr), marker="o", label=f"{lr:g} ({count_range(n, 'seed')})")
+                                   for lr, n in sorted(seeds_per_lr.items())])
+    _figure_legend(fig, groups)
+    n = count_range(counts, "seed")
+    bars = "bars: ±1 SD over seeds (unit: model)" if max(counts, default=0) >= 2 else "one seed per condition: no bar"
+    fig.suptitle(f"{results.name}: {metric} by training length\nmean over {n} per point; {bars}", fontsize=11)
     return fig
 
 
 def cutoff_metrics(results: SweepResults) -> list[str]:
     """The metrics the cutoff view plots: the first reported metric and the selection metric the sweep
-    recorded (parent-run params `cutoff_report`, `cutoff_select_on`), then CIFAKE test accuracy and
+    recorded (parent-run params `cutoff_report`, `cutoff_select_on`; the transfer rule's `chosen_on` in the
+    analysis read, where a re-analysis changed it), then CIFAKE test accuracy and
     validation loss."""
     params = results.parent.data.params
     defaults = Cutoff()
     report = json.loads(params["cutoff_report"]) if "cutoff_report" in params else defaults.report
-    return [report[0], params.get("cutoff_select_on", defaults.select_on), "cifake_test/acc", defaults.intrinsic_loss]
+    select_on = params.get("cutoff_select_on", defaults.select_on)
+    # a re-analysis may select on another metric than the sweep recorded: the analysis read says which
+    chosen = cutoff_choices(results)
+    if "chosen_on" in chosen and (chosen["rule"] == "transfer_val").any():
+        select_on = str(chosen.loc[chosen["rule"] == "transfer_val", "chosen_on"].iloc[0])
+    return [report[0], select_on, "cifake_test/acc", defaults.intrinsic_loss]
+
+
+def cutoff_choices(results: SweepResults) -> pd.DataFrame:
+    """Each trajectory's point chosen by each cutoff rule, as the sweep's analysis logged it
+    (`analysis/cutoffs.csv`); empty where the analysis has not been logged."""
+    try:
+        return _analysis_artifact(results, "cutoffs.csv")
+    except FileNotFoundError:
+        return pd.DataFrame(columns=["trajectory", "rule", "epoch", "step", "chosen_on"])
+
+
+def _rule_size(rule: str) -> float:
+    return 11 if rule == "transfer_val" else 7  # the study's question is the transfer rule: its star stands out
 
 
 def cutoff_curves(results: SweepResults, metrics: Sequence[str] | None = None) -> Figure:
-    """Transfer and intrinsic metrics against training length (log scale), one line per trajectory,
-    named `srm lr seed`."""
+    """Transfer and intrinsic metrics against training length (log scale): a line per condition (mean
+    over its seeds, ±1 SD band), and a marker where each cutoff rule stopped each trajectory
+    (`cutoff_choices`), at that trajectory's own value."""
     points = results.points
     metrics = [m for m in (metrics or cutoff_metrics(results)) if m in points]
     if not metrics:
         raise KeyError("none of the cutoff metrics were logged at the sweep's evaluation points")
-    labels = _trajectory_labels(points)
-    fig = Figure(figsize=(4.2 * len(metrics), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    look = Look.of(results)
+    choices = cutoff_choices(results)
+    choices = choices[choices["rule"].isin(list(RULE_MARKERS))]
+    at = points.set_index(["trajectory", "step"])
+    fig, axes = _panel_grid(len(metrics), 2, 4.6, 3.4)
+    every = []
     for ax, metric in zip(axes, metrics):
-        for trajectory, group in points.groupby("trajectory", sort=False):
-            group = group.sort_values("step")
-            ax.plot(group["epoch"], group[metric], marker=".", label=labels[trajectory], alpha=0.8)
-        ax.set_xscale("log")
-        ax.set(xlabel="epoch", title=metric)
-        ax.grid(alpha=0.3)
-    if len(labels) <= 16:
-        axes[-1].legend(fontsize=6, loc="best")
-    fig.suptitle(f"{results.name}: metrics against training length")
+        curves = condition_curves(points, metric)
+        every += curves
+        for curve in curves:
+            _draw_curve(ax, curve, look)
+        for row in choices.itertuples():
+            key = (row.trajectory, int(row.step))
+            if key not in at.index or not np.isfinite(at.at[key, metric]):
+                continue
+            srm = at.at[key, "srm"]
+            ax.plot([row.epoch], [at.at[key, metric]], linestyle="none", marker=RULE_MARKERS[row.rule], markersize=_rule_size(row.rule),
+                    color=placement_colour(srm), markeredgecolor="black", markeredgewidth=0.6, zorder=3,
+                    gid=f"cutoff/{row.rule}/{row.trajectory}")
+        epoch_axis(ax, points["epoch"].astype(float))
+        ax.set(title=metric, ylabel=metric_label(metric).split(" (", 1)[-1].rstrip(")"))
+        _style_axes(ax)
+    groups = look.legend_groups([c.srm for c in every], _band_text(every))
+    if len(choices):
+        chosen_on = choices.drop_duplicates("rule").set_index("rule")["chosen_on"]
+        groups.append(("cutoff rule stopped here", [
+            Line2D([], [], linestyle="none", marker=RULE_MARKERS[r], color="white", markeredgecolor="black", markersize=_rule_size(r),
+                   label=f"{r}" + (" (reference)" if r == "oracle_test" else "") + f": {chosen_on[r]}")
+            for r in RULE_MARKERS if r in chosen_on.index]))
+    _figure_legend(fig, groups)
+    n_traj = points["trajectory"].nunique()
+    markers = (f"markers: the point each rule chose in each trajectory (n = {plural(n_traj, 'trajectory', 'trajectories')}), "
+               "at that trajectory's value"
+               if len(choices) else "no cutoff analysis logged yet: rules not marked")
+    fig.suptitle(f"{results.name}: metrics against training length\n{_replicates_note(every)}\n{markers}", fontsize=10)
     return fig
 
 
@@ -363,7 +649,9 @@ def log_figures(results: SweepResults, client, parent_run_id: str, artifact_path
                 if isinstance(out, pd.DataFrame):
                     out.to_csv(d / name, index=False)
                 else:
-                    out.savefig(d / name, dpi=110, bbox_inches="tight")
+                    # constrained layout already fits titles and the legends beside the panels:
+                    # no second, "tight" draw (it doubles the cost of a sweep's end)
+                    out.savefig(d / name, dpi=110)
             except Exception as e:  # noqa: BLE001 - reported, not hidden
                 errors.append(f"{name}: {type(e).__name__}: {e}")
                 warnings.warn(f"view {name} not logged: {type(e).__name__}: {e}", stacklevel=2)

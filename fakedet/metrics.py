@@ -264,18 +264,33 @@ THRESHOLD_CURVES = {
 }
 
 
-def plot_threshold_curves(table: pd.DataFrame, title: str = ""):
-    """Figure 5: metrics against the decision threshold. Returns a matplotlib Figure (no display needed)."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
+def threshold_counts(table: pd.DataFrame) -> tuple[int, int]:
+    """(REAL, FAKE) images behind a `threshold_table`: its confusion counts sum to them at every threshold."""
+    first = table.iloc[0]
+    return int(first.tp + first.fn), int(first.fp + first.tn)
 
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
+
+def draw_threshold_curves(ax, table: pd.DataFrame) -> None:
+    """Figure 5's curves on `ax`: every `THRESHOLD_CURVES` column against the threshold, the default 0.5 dotted."""
     for column, (label, line, colour) in THRESHOLD_CURVES.items():
         ax.plot(table.threshold, table[column], line, color=colour, label=label, linewidth=1.4)
     ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="decision threshold (REAL iff p ≥ t)", ylabel="score", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.set(xlabel="decision threshold t (REAL iff p ≥ t)", ylabel="score (fraction)", xlim=(0, 1), ylim=(0, 1.01))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower center", ncol=2, fontsize="small")
+
+
+def plot_threshold_curves(table: pd.DataFrame, title: str = ""):
+    """Figure 5 for one model: metrics against the decision threshold, the test set's size in the title and
+    the legend beside the axes, off the curves. Returns a matplotlib Figure (no display needed)."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
+
+    fig = Figure(figsize=(7.6, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    draw_threshold_curves(ax, table)
+    n_real, n_fake = threshold_counts(table)
+    size = f"n = {n_real + n_fake} images ({n_real} REAL, {n_fake} FAKE); one model, no interval"
+    ax.set_title(f"{title}\n{size}" if title else size, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False)
     return fig
 
 
@@ -289,4 +304,6 @@ __all__ = [
     "threshold_table",
     "confusion",
     "plot_threshold_curves",
+    "draw_threshold_curves",
+    "threshold_counts",
 ]

@@ -1,17 +1,24 @@
-"""A finished sweep's analysis: printed, and logged to its MLflow parent run by this one owner.
+"""A finished sweep's analysis: printed, and logged to its MLflow parent run by this one owner; and the
+sweep's report page.
 
 Read back from MLflow (`fakedet.results`), so the same code serves the end of a sweep and
-`sweeps/run.py cutoff` on an old one. The parent run gets the correlation and cutoff tables under
-`analysis/`, the study's tables and figures under `figures/` (`fakedet.figures.VIEWS`), and the
-headline figures as metrics.
+`sweeps/run.py cutoff` on an old one. The first analysis, at the sweep's end, gives the parent run its
+correlation and cutoff tables under `analysis/`, the study's tables and figures under `figures/`
+(`fakedet.figures.VIEWS`), `report.html`, and the headline figures as metrics. A later one never
+rewrites those: it writes the same files under `analysis/v<N>/` (`fakedet.results.AnalysisVersion`)
+with its own `run_record.json` naming the study and options it used, and logs no metrics.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +27,11 @@ from mlflow.entities import Metric
 
 from fakedet.console import say
 from fakedet import analysis
-from fakedet.figures import log_figures
-from fakedet.results import SweepResults, points_from_mlflow
+from fakedet.figures import VIEWS, log_figures
+from fakedet.results import SweepResults, next_analysis, no_progress_bar, points_from_mlflow
 from fakedet.sweep.spec import plain_number
 from fakedet.sweep.study import Study
-from fakedet.sweep.store import SweepTracking
+from fakedet.sweep.store import SweepTracking, run_link, runs_link
 
 SUMMARY_COLUMNS = ("cifake_test/acc", "cifake_test/f1", "cifake_test/auc", "cifar100_test/real_recall",
                    "agiri_test/acc", "agiri_test/f1", "agiri_test/auc")
@@ -34,15 +41,32 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}"
 
 
-def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: dict[str, Any]) -> int:
+@dataclass(frozen=True)
+class AnalysisOrigin:
+    """Why an analysis ran and with which study: written into its `run_record.json`."""
+
+    command: str = "the sweep's end"
+    """What started it: the sweep's end, or `sweeps/run.py cutoff ...`."""
+    study_from: str = "the study the sweep ran"
+    """Where its study was read (the sweep file, a --study file, ...)."""
+    study_changes: tuple[str, ...] = ()
+    """How that study differs from the one the sweep recorded (one line per setting); empty: the same."""
+
+
+def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: dict[str, Any],
+                  origin: AnalysisOrigin = AnalysisOrigin()) -> int:
     """Cells over seeds, correlations with intervals, which factor matters, cutoffs: printed, and logged
-    to the sweep's parent run. 0 when done. Every figure names its unit and n (fakedet/analysis/)."""
+    to the sweep's parent run as a new analysis (`next_analysis`: the first at the top, each later one
+    under `analysis/v<N>/`), with its report page. 0 when done. Every figure names its unit and n
+    (fakedet/analysis/)."""
     client = tracking.client()
     points, cells = points_from_mlflow(client, tracking.experiment_id, tracking.parent_run_id)
     if points.empty:
         say("no evaluation points were logged; nothing to analyse")
         return 1
-    results = SweepResults(client.get_run(tracking.parent_run_id), cells, points, client)
+    version = next_analysis(client, tracking.parent_run_id)
+    results = SweepResults(client.get_run(tracking.parent_run_id), cells, points, client, analysis=version)
+    record = {**record, "study": study.sections(), "analysis": _analysis_entry(results, study, origin)}
     finished = results.finished_cells()
     intrinsic, transfer = list(study.metrics.intrinsic), list(study.metrics.transfer)
     opts, cut = study.statistics, study.cutoff
@@ -64,7 +88,9 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
 
     if finished.empty:
         say("no cell finished: nothing to correlate or cut off")
-        _log_analysis(results, {"cells": cells, "points": points}, {**record, "study": study.sections()})
+        _log_analysis(results, {"cells": cells, "points": points}, record)
+        _log_report(results, tracking.uri)
+        _say_written(results, tracking.uri)
         return 0
 
     # 2. does transfer move with intrinsic skill: one pre-registered answer per question, the rest exploratory
@@ -120,9 +146,14 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
 
     tables = {"cells": finished, "points": points, "cells_summary": summary, "correlations": corr, "variance": variance,
               "cutoffs": cutoffs, "cutoff_summary": cut_summary, "cutoff_comparison": comparison}
-    _log_analysis(results, tables, {**record, "study": study.sections()})
-    log_figures(results, client, tracking.parent_run_id)
-    _log_new_metrics(client, tracking.parent_run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    _log_analysis(results, {**tables, "metrics": pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())})},
+                  record)
+    log_figures(results, client, tracking.parent_run_id, artifact_path=version.figures)
+    if version.number == 1:  # the sweep's own answer; a re-analysis keeps its numbers in its metrics.csv
+        _log_new_metrics(client, tracking.parent_run_id, metrics)
+    _log_report(results, tracking.uri)
+    _say_written(results, tracking.uri)
     return 0
 
 
@@ -183,7 +214,7 @@ def _log_analysis(results: SweepResults, tables: dict[str, pd.DataFrame], run_re
         for name, table in tables.items():
             table.to_csv(d / f"{name}.csv", index=False)
         (d / "run_record.json").write_text(json.dumps(run_record, indent=1, default=str))
-        client.log_artifacts(run_id, str(d), artifact_path="analysis")
+        client.log_artifacts(run_id, str(d), artifact_path=results.analysis.tables)
 
 
 def _log_new_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
@@ -194,3 +225,211 @@ def _log_new_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
              if v is not None and math.isfinite(v) and not (k in logged and math.isclose(logged[k], v, rel_tol=0, abs_tol=1e-12))]
     for i in range(0, len(items), 500):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+# ---------------------------------------------------------------------------------------------------
+# where an analysis went, and the sweep's report page
+# ---------------------------------------------------------------------------------------------------
+def _analysis_entry(results: SweepResults, study: Study, origin: AnalysisOrigin) -> dict[str, Any]:
+    """The `analysis` entry of an analysis's run_record.json: which one it is, what started it, the study
+    and options it ran with, where its files are."""
+    version = results.analysis
+    return {"version": version.name, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sweep": results.name, "parent_run_id": results.parent_run_id, "command": origin.command,
+            "study_source": study.source, "study_from": origin.study_from,
+            "study_changes": list(origin.study_changes), "tables": version.tables, "figures": version.figures, "report": version.report,
+            "reads": "the cell runs' final metrics and metric histories in MLflow; nothing is trained again"}
+
+
+def _log_report(results: SweepResults, tracking_uri: str) -> None:
+    """The analysis's report page, built from what was just logged (the same path `fakedet report` reads).
+    A page that fails is said and skipped, as a view is: the analysis itself is logged already."""
+    try:
+        page = render_report(results, tracking_uri)
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        say(f"report page not written ({type(e).__name__}: {e}); write it later with "
+            f"`fakedet report --sweep {results.name} --analysis {results.analysis.name}`")
+        return
+    results.client.log_text(results.parent_run_id, page, results.analysis.report)
+
+
+def _say_written(results: SweepResults, tracking_uri: str) -> None:
+    """What this analysis wrote and where: its folders, file by file, and its report's MLflow link."""
+    version, client, run_id = results.analysis, results.client, results.parent_run_id
+    tables = [a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, version.tables) if not a.is_dir]
+    figures = [a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, version.figures) if not a.is_dir]
+    if version.number == 1:
+        say(f"\nanalysis {version.name} (the sweep's own) logged to parent run {run_id}:")
+    else:
+        say(f"\nanalysis {version.name} logged to parent run {run_id}, beside the earlier ones "
+            f"(what the sweep recorded under analysis/ and figures/ is unchanged):")
+    say(f"  {version.tables}/: {', '.join(tables)}")
+    say(f"  {version.figures}/: {', '.join(figures) or 'none'}")
+    say(f"  report: {run_link(tracking_uri, results.parent.info.experiment_id, run_id, version.report)}")
+
+
+# the text columns of the analysis tables: a CSV round trip reads an empty one as NaN
+_TEXT_COLUMNS = ("note", "adjustment", "test", "label", "epochs", "role", "scope", "estimand", "method", "rule", "baseline")
+
+
+def analysis_table(results: SweepResults, name: str) -> pd.DataFrame | None:
+    """One table of the analysis the results point at (`analysis_file`), with its text columns as
+    logged ("" not NaN); None where this analysis has no such table."""
+    try:
+        table = results.artifact_table(results.parent_run_id, results.analysis_file(name))
+    except FileNotFoundError:
+        return None
+    for column in _TEXT_COLUMNS:
+        if column in table:
+            table[column] = table[column].fillna("").astype(str)
+    return table
+
+
+def headlines(results: SweepResults) -> list[str]:
+    """The analysis's answers, one line per pre-registered question ([statistics.primary]), as the sweep
+    printed them: along training, across models, across seeds, and the cutoff rule against early stopping."""
+    lines = []
+    corr = analysis_table(results, "correlations.csv")
+    if corr is not None and len(corr):
+        lines += [analysis.headline(row) for row in analysis.primary_rows(corr).to_dict("records")]
+    comparison = analysis_table(results, "cutoff_comparison.csv")
+    if comparison is not None:
+        first = comparison[comparison["role"] == "primary"]
+        if len(first):
+            lines.append(analysis.comparison_headline(first.iloc[0]))
+    return lines
+
+
+def cells_table(results: SweepResults) -> pd.DataFrame | None:
+    """Each cell condition over its seeds as the sweep printed it: srm, epochs, lr, n_seeds, and `mean ± std`
+    of the test metrics (from the analysis's cells_summary.csv)."""
+    summary = analysis_table(results, "cells_summary.csv")
+    if summary is None:
+        return None
+    table = summary[[c for c in ("srm", "cell_epochs", "lr", "n_seeds") if c in summary]].copy()
+    if "cell_epochs" in table:
+        table["cell_epochs"] = table["cell_epochs"].map(plain_number)
+    for m in SUMMARY_COLUMNS:
+        if f"{m}_mean" in summary:
+            table[m] = [_mean_std(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+    return table.rename(columns={"cell_epochs": "epochs"})
+
+
+_STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1250px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
+.meta { color: #555; } .note { color: #555; font-size: .92em; }
+ul.headlines li { margin: .4em 0; font-size: 1.05em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; } th { background: #f3f3f3; }
+td:first-child, th:first-child { text-align: left; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; } figcaption { color: #555; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
+.scroll { overflow-x: auto; }
+"""
+
+
+def _html_table(table: pd.DataFrame | None, missing: str, keep: tuple[str, ...] = ("rule", "srm", "epochs", "lr")) -> str:
+    """A table as HTML; a column with one value in every row (of two or more) is stated once above it
+    instead of repeated (`keep`: the columns that name a row stay)."""
+    if table is None:
+        return f"<p class='note'>{html.escape(missing)}</p>"
+    if table.empty:
+        return "<p class='note'>no rows</p>"
+    constant = [c for c in table.columns if len(table) > 1 and c not in keep and table[c].astype(str).nunique() == 1]
+    stated = "; ".join(f"{c} = {_cell_text(table[c].iloc[0])}" for c in constant)
+    return ((f"<p class='note'>in every row: {html.escape(stated)}</p>" if stated else "") + "<div class='scroll'>"
+            + table.drop(columns=constant).to_html(index=False, na_rep="–", float_format=_fmt, border=0, escape=True) + "</div>")
+
+
+def _cell_text(value: Any) -> str:
+    if isinstance(value, float):
+        return "–" if not math.isfinite(value) else _fmt(value)
+    return str(value) if value != "" else "(empty)"
+
+
+def _figures(results: SweepResults) -> list[tuple[str, bytes]]:
+    """(name, PNG bytes) of every figure the analysis logged, in the order it logged them (`fakedet.figures.VIEWS`)."""
+    client, run_id, folder = results.client, results.parent_run_id, results.analysis.figures
+    names = [a.path for a in client.list_artifacts(run_id, folder) if not a.is_dir and a.path.endswith((".png", ".txt"))]
+    if not names:
+        return []
+    order = {f"{folder}/{name}": i for i, name in enumerate(VIEWS)}
+    out = []
+    with tempfile.TemporaryDirectory(prefix="fakedet-report-") as d, no_progress_bar():
+        for path in sorted(names, key=lambda p: order.get(p, len(order))):
+            out.append((path, Path(client.download_artifacts(run_id, path, d)).read_bytes()))
+    return out
+
+
+def render_report(results: SweepResults, tracking_uri: str) -> str:
+    """The sweep's report page for the analysis `results` points at: one self-contained HTML file (figures
+    inline as base64 PNG, the style inline, nothing fetched): the headline per question, the cells over
+    seeds, the cutoff summary and comparison, every figure, the exploratory correlations and the run record."""
+    version, parent = results.analysis, results.parent
+    finished = results.finished_cells()
+    n_traj = finished["trajectory"].nunique() if len(finished) else 0
+    experiment = parent.info.experiment_id
+    record_text = ""
+    try:
+        with tempfile.TemporaryDirectory(prefix="fakedet-report-") as d, no_progress_bar():
+            record_text = Path(results.client.download_artifacts(results.parent_run_id, results.analysis_file("run_record.json"), d)).read_text()
+    except Exception:  # noqa: BLE001 - an analysis without a record still gets a page; said below
+        pass
+    record = json.loads(record_text) if record_text else {}
+    entry = record.get("analysis", {})
+    e = html.escape
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fakedet sweep {e(results.name)}</title>"
+             f"<style>{_STYLE}</style></head><body>",
+             f"<h1>Sweep {e(results.name)}</h1>",
+             f"<p class='meta'>{e(results.kind)} sweep, parent run <code>{e(results.parent_run_id)}</code>; study {e(str(parent.data.params.get('study', '?')))}"
+             + (f" (preset {e(parent.data.params['preset'])})" if parent.data.params.get("preset") else "")
+             + f"; {len(finished)} finished cells of {len(results.cells)} in {n_traj} trajectories; data "
+             f"{e(str(parent.data.params.get('data', '?')))} (cache {e(str(parent.data.params.get('data_hash', '?')))})</p>",
+             f"<p class='meta'>analysis {e(version.name)}"
+             + (" (the sweep's own)" if version.number == 1 else f" (a re-analysis, files under {e(version.tables)}/)")
+             + (f", written {e(entry['written_at'])} by {e(entry.get('command', '?'))}; study {e(entry.get('study_source', '?'))} "
+                f"({e(entry.get('study_from', '?'))})" if entry.get("written_at") else "")
+             + "</p>",
+             f"<p class='meta'>MLflow: <a href='{e(runs_link(tracking_uri, experiment, results.name))}'>the sweep's runs</a> · "
+             f"<a href='{e(run_link(tracking_uri, experiment, results.parent_run_id))}'>the parent run</a></p>"]
+    if entry.get("study_changes"):
+        parts.append("<p class='note'>this analysis's study differs from the one the sweep recorded:</p><ul>"
+                     + "".join(f"<li><code>{e(c)}</code></li>" for c in entry["study_changes"]) + "</ul>")
+
+    lines = headlines(results)
+    parts.append("<h2 id='headlines'>Headlines</h2><p class='note'>one pre-registered answer per question "
+                 "([statistics.primary]); unit: trajectory; p Holm-adjusted over these; every other row is exploratory</p>")
+    parts.append("<ul class='headlines'>" + "".join(f"<li>{e(line)}</li>" for line in lines) + "</ul>" if lines
+                 else "<p class='note'>no headline: this analysis has no correlation or cutoff table</p>")
+
+    parts.append("<h2 id='cells'>Cells</h2><p class='note'>mean ± std over seeds (unit: model; n_seeds per row)</p>")
+    parts.append(_html_table(cells_table(results), "this analysis has no cells_summary.csv"))
+
+    parts.append("<h2 id='cutoffs'>Cutoffs</h2><p class='note'>each rule's chosen epoch and test metrics, mean and std "
+                 "over the same trajectories (unit: trajectory); oracle_test is a reference, not a rule</p>")
+    parts.append(_html_table(analysis_table(results, "cutoff_summary.csv"), "this analysis has no cutoff_summary.csv"))
+    parts.append("<p class='note'>each rule against early stopping on the intrinsic validation loss, paired by trajectory</p>")
+    parts.append(_html_table(analysis_table(results, "cutoff_comparison.csv"), "this analysis has no cutoff_comparison.csv"))
+
+    parts.append("<h2 id='figures'>Figures</h2>")
+    figures = _figures(results)
+    for path, data in figures:
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith(".txt"):
+            parts.append(f"<p class='note'>{e(name)}:</p><pre>{e(data.decode(errors='replace'))}</pre>")
+        else:
+            parts.append(f"<figure><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+                         f"<figcaption>{e(path)}</figcaption></figure>")
+    if not figures:
+        parts.append(f"<p class='note'>no figures under {e(version.figures)}/</p>")
+
+    corr = analysis_table(results, "correlations.csv")
+    parts.append("<h2 id='correlations'>Correlations (all rows)</h2>")
+    parts.append("<details><summary>every row of correlations.csv (exploratory rows: Benjamini–Hochberg)</summary>"
+                 + _html_table(corr, "this analysis has no correlations.csv") + "</details>")
+    parts.append("<h2 id='record'>Run record</h2>")
+    parts.append(f"<details><summary>{e(results.analysis_file('run_record.json'))}: code, libraries, hardware, the study "
+                 f"and options used</summary><pre>{e(json.dumps(record, indent=1)) if record else 'not logged'}</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,65 @@ def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------------
+# a sweep's analyses: the first where the sweep wrote it, every later one beside it
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AnalysisVersion:
+    """Where one analysis of a sweep lies among its parent run's artifacts. The first (`v1`, written when
+    the sweep ended) at the top: `analysis/`, `figures/`, `report.html`; each later one (`cutoff`, a
+    re-analysis) under `analysis/v<N>/` with its own `figures/`, `report.html` and `run_record.json`, so
+    that nothing a sweep recorded is ever rewritten."""
+
+    number: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"v{self.number}"
+
+    @property
+    def tables(self) -> str:
+        """The folder of its tables and run_record.json."""
+        return "analysis" if self.number == 1 else f"analysis/v{self.number}"
+
+    @property
+    def figures(self) -> str:
+        return "figures" if self.number == 1 else f"{self.tables}/figures"
+
+    @property
+    def report(self) -> str:
+        return "report.html" if self.number == 1 else f"{self.tables}/report.html"
+
+    @classmethod
+    def parse(cls, text: str) -> "AnalysisVersion":
+        """`v2`, `2` or `analysis/v2`; `v1`, `1` or `analysis`: the sweep's own analysis."""
+        text = text.strip().rstrip("/")
+        match = re.fullmatch(r"(?:analysis/)?v?(\d+)", text)
+        if text != "analysis" and (not match or int(match.group(1)) < 1):
+            raise ValueError(f"analysis version {text!r}: expected v1, v2, ... (`fakedet report --list` shows them)")
+        return cls(int(match.group(1)) if match else 1)
+
+
+_VERSION_FOLDER = re.compile(r"analysis/v(\d+)")
+
+
+def analysis_versions(client, parent_run_id: str) -> list[AnalysisVersion]:
+    """The analyses logged to a parent run, oldest first (v1 only where the sweep's own `analysis/run_record.json` exists)."""
+    versions = []
+    for item in client.list_artifacts(parent_run_id, "analysis"):
+        if item.path == "analysis/run_record.json":
+            versions.append(AnalysisVersion(1))
+        elif item.is_dir and (match := _VERSION_FOLDER.fullmatch(item.path)):
+            versions.append(AnalysisVersion(int(match.group(1))))
+    return sorted(versions, key=lambda v: v.number)
+
+
+def next_analysis(client, parent_run_id: str) -> AnalysisVersion:
+    """Where a new analysis goes: v1 if the sweep has none yet, else one past the latest (never an existing one)."""
+    versions = analysis_versions(client, parent_run_id)
+    return AnalysisVersion(versions[-1].number + 1 if versions else 1)
+
+
+# ---------------------------------------------------------------------------------------------------
 # a whole sweep, for notebooks and figures
 # ---------------------------------------------------------------------------------------------------
 class SweepNotFoundError(LookupError):
@@ -68,6 +128,8 @@ class SweepResults:
     cells: pd.DataFrame
     points: pd.DataFrame
     client: Any  # mlflow.tracking.MlflowClient
+    analysis: AnalysisVersion = AnalysisVersion(1)
+    """The analysis whose tables the views read (`load_sweep`: the latest)."""
     _tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -81,6 +143,10 @@ class SweepResults:
     @property
     def kind(self) -> str:
         return self.parent.data.params.get("kind", "ablation")
+
+    def analysis_file(self, name: str) -> str:
+        """The artifact path of one file of the analysis the views read (e.g. `cutoff_summary.csv`)."""
+        return f"{self.analysis.tables}/{name}"
 
     def finished_cells(self) -> pd.DataFrame:
         """Cells whose run reached its epoch count (FINISHED), ordered as the runner's summary table."""
@@ -96,7 +162,7 @@ class SweepResults:
         Each file is downloaded once per `SweepResults` (to a temporary folder, removed at once)."""
         key = (run_id, name, tuple(sorted((k, repr(v)) for k, v in read_csv.items())))
         if key not in self._tables:
-            with tempfile.TemporaryDirectory(prefix="fakedet-artifact-") as d, _no_progress_bar():
+            with tempfile.TemporaryDirectory(prefix="fakedet-artifact-") as d, no_progress_bar():
                 try:
                     path = self.client.download_artifacts(run_id, name, d)
                 except Exception as e:
@@ -107,7 +173,7 @@ class SweepResults:
 
 
 @contextlib.contextmanager
-def _no_progress_bar():
+def no_progress_bar():
     """MLflow draws a progress bar per download: noise in a notebook that reads dozens of small tables."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     before = os.environ.get(key)
@@ -159,13 +225,17 @@ def list_sweeps(tracking_uri: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["name", "kind", "parent_run_id", "experiment_id", "status", "start_time", "cells"])
 
 
-def load_sweep(tracking_uri: str, sweep: str | None = None) -> SweepResults:
+def load_sweep(tracking_uri: str, sweep: str | None = None, kind: str | None = None,
+               analysis: AnalysisVersion | None = None) -> SweepResults:
     """A sweep's parent run, cells and points. `sweep`: its name (the most recent of that name) or its
-    parent run id; None: the most recent sweep in the store."""
+    parent run id; None: the most recent sweep in the store (of `kind`, ablation or hpo, when given).
+    `analysis`: the analysis the views read; None: the latest logged."""
     client = _client(tracking_uri)
     parents = _sweep_runs(client)
+    if kind is not None and sweep is None:
+        parents = [p for p in parents if p.data.params.get("kind", "ablation") == kind]
     if not parents:
-        raise SweepNotFoundError(f"no sweeps in {tracking_uri}")
+        raise SweepNotFoundError(f"no {kind + ' ' if kind else ''}sweeps in {tracking_uri}")
     if sweep is None:
         parent = parents[0]
     else:
@@ -174,5 +244,29 @@ def load_sweep(tracking_uri: str, sweep: str | None = None) -> SweepResults:
             names = ", ".join(dict.fromkeys(p.data.tags.get(TAG_SWEEP, p.info.run_name) for p in parents))
             raise SweepNotFoundError(f"no sweep named {sweep!r} in {tracking_uri}; the sweeps there (most recent first): {names}")
         parent = matches[0]
+    versions = analysis_versions(client, parent.info.run_id)
+    if analysis is None:
+        analysis = versions[-1] if versions else AnalysisVersion(1)
+    elif analysis not in versions:
+        raise SweepNotFoundError(f"sweep {parent.data.tags.get(TAG_SWEEP, parent.info.run_name)!r} has no analysis "
+                                 f"{analysis.name}; it has: {', '.join(v.name for v in versions) or 'none'}")
     points, cells = points_from_mlflow(client, parent.info.experiment_id, parent.info.run_id)
-    return SweepResults(parent=parent, cells=cells, points=points, client=client)
+    return SweepResults(parent=parent, cells=cells, points=points, client=client, analysis=analysis)
+
+
+STORE_FILE = "mlflow.db"
+
+
+def find_tracking_uri(start: Path | str | None = None) -> str:
+    """The tracking store a notebook or `fakedet report` reads when none is named: `FAKEDET_TRACKING_URI`,
+    else `MLFLOW_TRACKING_URI`, else the `mlflow.db` in `start` (default: the working folder) or the
+    nearest folder above it that holds one: a notebook's kernel starts in `notebooks/`, the sweeps
+    write `mlflow.db` in the repository root. None found: the working folder's (reading it says so)."""
+    for variable in ("FAKEDET_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        if os.environ.get(variable):
+            return os.environ[variable]
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / STORE_FILE).is_file():
+            return f"sqlite:///{folder / STORE_FILE}"
+    return f"sqlite:///{here / STORE_FILE}"

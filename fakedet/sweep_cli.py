@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fakedet.config import default_cache_root
 from fakedet.console import say
+from fakedet.sweep.refusals import Exit, Refused
 from fakedet.sweep.request import SweepRequest
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="sweep name (default: <study>-<date>-<time>-<random>); names the Ray experiment and the MLflow parent run")
         p.add_argument("--resume", nargs="?", const="latest", metavar="NAME", help="continue an interrupted sweep (default: the latest)")
         p.add_argument("--allow-data-change", action="store_true", help="with --resume: continue although the prepared data's hash changed")
+        p.add_argument("--trust-changed-state", action="store_true",
+                       help="with --resume: let Ray restore its saved state although it changed since this sweep's driver last "
+                            "stopped (after a killed driver). Ray unpickles that state: whoever could write it can run code as you")
         p.add_argument("--adopt-study-file", action="store_true",
                        help="with --resume: run today's study file instead of the study recorded when the sweep started")
         p.add_argument("--address", help="join a Ray cluster (e.g. auto, or ray://host:10001); default: start a local Ray")
@@ -96,38 +100,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_study(request: SweepRequest) -> int:
+    """Resolve the sweep's name, hold its lock for the driver's life, and run it."""
+    from fakedet.sweep.lock import sweep_lock
+    from fakedet.sweep.plan import resolve_study, sweep_name
+    from fakedet.sweep.record import read_sweep_file, storage_root
+    from fakedet.sweep.request import check_name
+
+    storage = storage_root(request.storage_path)
+    if request.resume:
+        name = read_sweep_file(storage, request.resume, request.kind)["name"]
+        study = None
+    else:
+        study = resolve_study(request)
+        # the grid expanded (or the HPO template built) now, so that a study that cannot run is refused
+        # before the lock, the pre-flight or Ray touch anything; the plan builds them again, cheaply
+        study.trajectories() if request.kind == "ablation" else study.hpo_template()
+        name = sweep_name(request, study)
+    check_name("sweep name", name)
+    with sweep_lock(storage, name):
+        return _run_locked(request, storage, name, study)
+
+
+def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | None) -> int:
     from mlflow.tracking import MlflowClient
 
-    from fakedet.sweep.execute import ray_resources, run_sweep
-    from fakedet.sweep.plan import build_plan, resolve_study, sweep_name
-    from fakedet.sweep.record import read_sweep_file, recorded_choices, storage_root, sweep_exists
+    from fakedet.sweep.preflight import answering_quickly, preflight
+    from fakedet.sweep.record import read_sweep_file, recorded_choices, sweep_exists
+    from fakedet.sweep.request import EXPERIMENT_NAME, check_name
     from fakedet.sweep.study import StudyError
-    from fakedet.sweep.store import check_tracking_uri, default_tracking_uri, mlflow_ui_command
+    from fakedet.sweep.store import default_tracking_uri, mlflow_ui_command
 
     kind = request.kind
-    storage = storage_root(request.storage_path)
     meta, bundle = None, None
     if request.resume:
-        meta = read_sweep_file(storage, request.resume, kind)
+        meta = read_sweep_file(storage, name, kind)  # again, now that the lock is held
         choices = recorded_choices(meta)
         request = request.resumed(meta["name"], choices)
         study = resumed_study(request, meta)
         # the bundle size chosen when the sweep started (older sweep files kept it as the `bundle` choice)
         bundle = meta.get("bundle_size") or (choices.get("bundle") if isinstance(choices.get("bundle"), int) else None)
-    else:
-        study = resolve_study(request)
-    name = sweep_name(request, study)
-    if meta is None and sweep_exists(storage, name):
+    elif sweep_exists(storage, name):
         raise StudyError(f"a sweep named {name!r} already exists under {storage}; "
                          f"continue it with --resume {name}, or choose another --name")
     uri = meta["tracking_uri"] if meta else (request.tracking_uri or default_tracking_uri())
-    check_tracking_uri(uri)
-    if meta and MlflowClient(uri).get_run(meta["parent_run_id"]).info.status == "FINISHED":
-        say(f"sweep {name} has already finished; nothing to resume "
-            f"(to analyse it again: python sweeps/run.py cutoff --sweep {name} --tracking-uri {uri})")
-        return 0
+    experiment = meta["experiment"] if meta else check_name("experiment", request.experiment or study.name, EXPERIMENT_NAME)
+    cache_root = request.cache_root or default_cache_root()
+    preflight(uri, experiment, storage, cache_root, needs_cache=not (Path(request.data) / "manifest.json").is_file())
+    if meta:
+        with answering_quickly():
+            parent = MlflowClient(uri).get_run(meta["parent_run_id"])
+        if parent.info.status == "FINISHED":
+            say(f"sweep {name} has already finished; nothing to resume "
+                f"(to analyse it again: python sweeps/run.py cutoff --sweep {name} --tracking-uri {uri})")
+            return 0
+        check_restorable(storage, name, parent.data.tags, request.trust_changed_state)
+    # Ray, Optuna and the data layer load only now: a refused pre-flight answers without them
+    from fakedet.sweep.execute import ray_resources, run_sweep
+    from fakedet.sweep.plan import build_plan
+
     plan = build_plan(request, study, name, ray_resources(request), bundle=bundle)
-    experiment = meta["experiment"] if meta else (request.experiment or plan.study.name)
     say(f"MLflow tracking: {uri} (experiment {experiment!r}); view it with: {mlflow_ui_command(uri)}")
     say(f"sweep {plan.name}: {plan.trajectory_count} trajectories, {plan.cell_count} cells, study {plan.study.source}"
         + (f" (preset {plan.study.preset})" if plan.study.preset else ""))
@@ -137,30 +168,65 @@ def run_study(request: SweepRequest) -> int:
         outcome = run_sweep(plan, request, storage, uri, experiment, meta)
     except KeyboardInterrupt:
         say(f"\ninterrupted. Resume with:\n  {resume_cmd}")
-        return 130
+        return Exit.INTERRUPTED
     tracking = outcome.tracking
     if outcome.tracking_error:
+        code = tracking_exit(outcome.tracking_status)
+        if code != Exit.TRACKING_OUTAGE:  # refused, not away: waiting would not help
+            print(f"error: sweep stopped: {outcome.tracking_error}. The trials' checkpoints are kept under "
+                  f"{storage}/{plan.name}; once the permission is back, resume with: {resume_cmd}", file=sys.stderr)
+            return code
         say(f"\nsweep stopped: {outcome.tracking_error}. Nothing measured is lost: the trials' checkpoints are under "
             f"{storage}/{plan.name}. Once MLflow is reachable again, resume with:\n  {resume_cmd}")
         try:  # mark the parent where the store answers again; the resume reopens it
             tracking.client().set_terminated(tracking.parent_run_id, "FAILED")
         except Exception:  # noqa: BLE001 - the store is down: said above
             pass
-        return 75  # EX_TEMPFAIL: try again later
+        return code
     if not outcome.complete:
         say(f"\nsweep interrupted ({outcome.ended_cells}/{plan.cell_count} cells ended). Resume with:\n  {resume_cmd}")
-        return 130
+        return Exit.INTERRUPTED
     from fakedet.report import analyse_sweep
-    from fakedet.sweep.store import compare_link, runs_link
 
     status = analyse_sweep(tracking, plan.study, plan.cell_epochs, outcome.record)
     if outcome.failed_trials:
         say(f"{outcome.failed_trials} trial(s) failed; their cells are marked FAILED in MLflow")
     tracking.client().set_terminated(tracking.parent_run_id, "FAILED" if outcome.failed_trials else "FINISHED")
+    say_links(tracking)
+    return Exit.FAILED_TRIALS if outcome.failed_trials or status else Exit.OK
+
+
+def tracking_exit(status: int | None) -> Exit:
+    """The exit status of a sweep stopped by its tracking store: refused credentials or permission, else an outage."""
+    return {401: Exit.BAD_CREDENTIALS, 403: Exit.NOT_PERMITTED}.get(status, Exit.TRACKING_OUTAGE)
+
+
+def check_restorable(storage: str, name: str, parent_tags: dict[str, str], trust_changed: bool) -> None:
+    """Before Ray unpickles the sweep's saved state: its folder private to this user and its files the ones
+    the sweep's driver left at its last stop (`fakedet.sweep.trust`). Local storage only."""
+    from fakedet.sweep.trust import TAG_STATE_DIGEST, check_state
+
+    if "://" in storage:
+        say(f"resuming from {storage}: a storage URI's permissions and contents are not checked before Ray restores it "
+            f"(cluster/README.md, security)")
+        return
+    warning = check_state(Path(storage), Path(storage) / name, parent_tags.get(TAG_STATE_DIGEST), trust_changed)
+    if warning:
+        say(f"warning: {warning}")
+
+
+def say_links(tracking) -> None:
+    """The MLflow links a sweep ends with (the report's is above them, with the analysis): its runs (only
+    this sweep's, in the model-training view), its parent run (figures, analysis tables, report), and the
+    cells side by side."""
+    from fakedet.sweep.store import compare_link, mlflow_ui_command, run_link, runs_link
+
+    uri, exp, parent = tracking.uri, tracking.experiment_id, tracking.parent_run_id
     cells = [r.info.run_id for r in sorted(tracking.cell_runs(), key=lambda r: r.info.run_name)]
-    say(f"\nMLflow ({mlflow_ui_command(uri)}):\n  runs:    {runs_link(uri, tracking.experiment_id)}\n"
-        f"  compare: {compare_link(uri, tracking.experiment_id, cells)}")
-    return 1 if outcome.failed_trials or status else 0
+    say(f"\nMLflow ({mlflow_ui_command(uri)}):\n"
+        f"  runs:    {runs_link(uri, exp, tracking.sweep_name)}\n"
+        f"  parent:  {run_link(uri, exp, parent)}\n"
+        f"  compare: {compare_link(uri, exp, cells)}")
 
 
 def resumed_study(request: SweepRequest, meta: dict[str, Any]) -> Study:
@@ -210,9 +276,11 @@ def cutoff_study(results, storage: str, tracking_uri: str) -> tuple[Study, str]:
             return study, f"recorded in {storage}/{results.name}"
     from mlflow.tracking import MlflowClient
 
+    from fakedet.results import no_progress_bar
+
     client = MlflowClient(tracking_uri)
     try:
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d, no_progress_bar():
             record = json.loads(Path(client.download_artifacts(results.parent_run_id, "analysis/run_record.json", d)).read_text())
     except Exception:  # noqa: BLE001 - no analysis logged yet: fall back to the parameters
         record = {}
@@ -225,10 +293,12 @@ def cutoff_study(results, storage: str, tracking_uri: str) -> tuple[Study, str]:
 
 
 def run_cutoff(args: argparse.Namespace) -> int:
-    """Re-run the analysis of a finished sweep from what MLflow holds (the sweep's name or parent run id)."""
+    """Analyse a finished sweep again from what MLflow holds (the sweep's name or parent run id): a new
+    analysis beside the sweep's own (`analysis/v<N>/`), which stays as it was."""
     from fakedet.provenance import run_record
-    from fakedet.report import analyse_sweep
+    from fakedet.report import AnalysisOrigin, analyse_sweep
     from fakedet.results import load_sweep, SweepNotFoundError
+    from fakedet.sweep.plan import study_differences
     from fakedet.sweep.record import storage_root
     from fakedet.sweep.study import Study, StudyError
     from fakedet.sweep.store import SweepTracking, check_tracking_uri, default_tracking_uri
@@ -239,14 +309,21 @@ def run_cutoff(args: argparse.Namespace) -> int:
         results = load_sweep(uri, args.sweep)
     except (SweepNotFoundError, FileNotFoundError) as e:
         raise StudyError(str(e)) from None
+    recorded, where = cutoff_study(results, storage_root(args.storage_path), uri)
+    study, changes = recorded, []
     if args.study:
-        study, where = Study.load(args.study), "--study"
-    else:
-        study, where = cutoff_study(results, storage_root(args.storage_path), uri)
+        study = Study.load(args.study)
+        changes = study_differences(recorded, study)
+        where = f"--study {args.study}; the sweep's own was {where}"
     say(f"study: {study.source} ({where})")
+    if changes:
+        say("it differs from the study the sweep recorded:\n  " + "\n  ".join(changes))
     tracking = SweepTracking(uri, results.parent.info.experiment_id, results.parent_run_id, results.name)
     epochs = sorted(results.cells["cell_epochs"].unique()) if len(results.cells) else []
-    return analyse_sweep(tracking, study, epochs, run_record())
+    command = "sweeps/run.py cutoff --sweep " + args.sweep + (f" --study {args.study}" if args.study else "")
+    status = analyse_sweep(tracking, study, epochs, run_record(), AnalysisOrigin(command, where, tuple(changes)))
+    say_links(tracking)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.kind == "cutoff":
             return run_cutoff(args)
-        return run_study(SweepRequest.from_flags(vars(args)))
+        return int(run_study(SweepRequest.from_flags(vars(args))))
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return int(e.code)
     except (StudyError, DataError, ConnectionError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,6 +105,21 @@ def test_bundle_equals_each_model_trained_alone(toy, srm):
         assert not torch.equal(means[0], torch.zeros_like(means[0])) and not torch.equal(means[0], means[1])
 
 
+def test_bundle_stays_within_1e_4_of_solo_over_160_steps(toy):
+    """The README's longer bound: 160 steps (16 epochs of 10 batches), SRM at pool1, lr up to 3e-2.
+
+    Reassociation differences grow with steps; 1e-4 is the README's bound for this length (measured 3.6e-5).
+    """
+    train_set, eval_sets = data(toy)
+    cfgs = [small_cfg(srm="pool1", epochs=16, eval_at=(1, 4, 16), **v) for v in VARIED]
+    bundled = train_bundle(cfgs, train_set, eval_sets)
+    for cfg, b in zip(cfgs, bundled):
+        alone = train(cfg, train_set, eval_sets)
+        assert alone.history[-1]["step"] == b.history[-1]["step"] == 160
+        assert_same_history(alone.history, b.history, atol=1e-4)
+        assert_same_state(alone.model.state_dict(), b.model.state_dict(), atol=1e-4)
+
+
 def test_callback_sees_each_models_logits_and_can_stop_one_model(toy):
     train_set, eval_sets = data(toy)
     cfgs = [small_cfg(**v) for v in VARIED]

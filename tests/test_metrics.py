@@ -263,7 +263,7 @@ def test_threshold_table_zero_division_and_extremes():
 def test_plot_threshold_curves_renders():
     fig = plot_threshold_curves(threshold_table(LABELS, P), "worked case")
     (ax,) = fig.axes
-    assert ax.get_title() == "worked case"
+    assert ax.get_title() == "worked case\nn = 8 images (5 REAL, 3 FAKE); one model, no interval"
     assert len(ax.get_legend().get_texts()) == 6
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -8,6 +8,7 @@ interpreter running the tests; it inherits the environment variables that point 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import nbformat
@@ -90,7 +91,10 @@ def test_notebook_runs_without_errors(path, executed):
 def test_study_views_notebook_shows_the_smoke_sweep(executed):
     nb = executed(REPO / "notebooks" / "study_views.ipynb")
     load = "".join(o.get("text", "") for o in tagged(nb, "load").outputs if o.output_type == "stream")
-    assert "sweep 'smoke1'" in load and "4 cells (4 finished)" in load
+    assert "sweep 'smoke1'" in load and "4 cells (4 finished)" in load and "analysis v" in load
+    # it opens with the answers: the first output after the sweep's line is the headline per question
+    first = next(c for c in nb.cells[nb.cells.index(tagged(nb, "load")) + 1:] if c.cell_type == "code")
+    assert first is tagged(nb, "headline") and "along training" in result(first, "text/markdown")
     # smoke grid: srm {none, pool1} × epochs {1, 2}: four cells, each with a max and a min row in table 3
     for tag, rows, column in (("table2", 4, "precision_fake"), ("table3", 8, "fine_class"), ("table4", 4, "recall_real")):
         html = result(tagged(nb, tag), "text/html")
@@ -110,3 +114,18 @@ def test_study_views_notebook_shows_the_smoke_sweep(executed):
     assert len(result(tagged(nb, "seed_spread"), "image/png")) > 5000
     assert "mean_diff" in result(tagged(nb, "cutoff_comparison"), "text/html")
     assert "transfer_val" in result(tagged(nb, "cutoff_summary"), "text/html")
+
+
+@pytest.mark.slow
+def test_report_notebook_command_runs_it_on_the_latest_ablation(workspace, smoke_sweep, tmp_path, run):
+    """`fakedet report --notebook`, run as a user would from anywhere: the kernel starts in the repository
+    root, the store is the one named, the sweep the most recent ablation (never an HPO sweep)."""
+    out = tmp_path / "views.ipynb"
+    proc = run([sys.executable, "-m", "fakedet", "report", "--notebook", "--tracking-uri", workspace.tracking_uri,
+                "--out", str(out)], cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"from {REPO}" in proc.stdout and str(out) in proc.stdout
+    nb = nbformat.read(out, as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    load = "".join(o.get("text", "") for o in tagged(nb, "load").outputs if o.output_type == "stream")
+    assert "(ablation)" in load and "along training" in result(tagged(nb, "headline"), "text/markdown")

@@ -51,7 +51,11 @@ def test_smoke_console_names_the_store_progress_links_and_headlines(smoke):
     assert "mlflow ui --backend-store-uri sqlite:///" in out.splitlines()[0]
     assert "[progress] trials 2/2 done" in out
     # direct links, at the start (runs, and a comparison of the planned cells) and at the end
-    assert out.count(f"http://127.0.0.1:5000/#/experiments/{smoke.parent.info.experiment_id}/runs") == 2
+    exp, parent_id = smoke.parent.info.experiment_id, smoke.parent.info.run_id
+    assert out.count(f"http://127.0.0.1:5000/#/experiments/{exp}/runs?searchFilter=") == 2
+    # at the end, the parent run and its report page
+    assert f"#/experiments/{exp}/runs/{parent_id}?workflowType=machine_learning" in out
+    assert f"#/experiments/{exp}/runs/{parent_id}/artifacts/report.html?" in out
     compares = [line for line in out.splitlines() if "#/compare-runs?runs=" in line]
     assert len(compares) == 2 and all(all(r.info.run_id in line for r in smoke.children) for line in compares)
     # two trajectories are too few for an interval: the headline says so, with its n (the --seeds 2 sweep of
@@ -149,8 +153,9 @@ def test_cutoff_command_rereads_a_finished_sweep(workspace, smoke_sweep, run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transfer_val" in proc.stdout and "intrinsic_val_loss" in proc.stdout and "patience" in proc.stdout
     c, parent, _ = workspace.runs("smoke1")
-    # the same analysis again adds no duplicate points to the parent run
+    # the same analysis again adds no duplicate points to the parent run, and goes beside the sweep's own
     assert len(c.get_metric_history(parent.info.run_id, "headline/n_models")) == 1
+    assert re.search(r"analysis v\d+ logged to parent run", proc.stdout) and "analysis/v" in proc.stdout
     # and resuming a finished sweep trains nothing
     again = run([*workspace.command, "ablation", "--resume", "smoke1", "--storage-path", str(workspace.storage)])
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
@@ -241,7 +246,7 @@ def test_bad_input_exits_2_as_a_user_sees_it(workspace, tmp_path, run):
     proc = run(args, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "nonexistent" in proc.stderr
-    assert not (tmp_path / "ray_results").exists()  # nothing was scheduled
+    assert not (tmp_path / "ray_results" / "bad").exists()  # nothing was scheduled (the folder holds only the sweep's lock)
 
 
 @pytest.mark.slow

@@ -87,8 +87,8 @@ def test_planned_runs_are_found_again_by_their_trial(tracking):
 
 
 def test_links_point_at_the_runs_table_and_a_comparison(tracking):
-    assert runs_link(tracking.uri, "7") == "http://127.0.0.1:5000/#/experiments/7/runs"
-    assert runs_link("http://mlflow:5000/", "7") == "http://mlflow:5000/#/experiments/7/runs"
+    assert runs_link(tracking.uri, "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert runs_link("http://mlflow:5000/", "7") == "http://mlflow:5000/#/experiments/7/runs?workflowType=machine_learning"
     assert compare_link("http://mlflow:5000", "7", ["a1", "b2"]) == \
         "http://mlflow:5000/#/compare-runs?runs=%5B%22a1%22%2C%22b2%22%5D&experiments=%5B%227%22%5D"
 

@@ -111,10 +111,11 @@ def test_real_only_set_is_scored_by_real_recall(toy):
 
 @pytest.mark.parametrize(
     "kw, message",
-    [({"srm": "pool9"}, "srm placement"), ({"lr": 0}, "lr must be > 0"), ({"epochs": 0}, "epochs must be a positive"),
-     ({"eval_at": (5,), "epochs": 2}, "eval_at points"), ({"shuffle": "random"}, "shuffle must be"),
-     ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64\), got -1"), ({"seed": 2**64}, "seed must be"),
-     ({"seed": 1.5}, "seed must be"), ({"deterministic": "yes"}, "deterministic must be")],
+    [({"srm": "pool9"}, "srm: unknown SRM placement 'pool9'"), ({"lr": 0}, "lr: Input should be greater than 0, got 0"),
+     ({"epochs": 0}, "epochs: Input should be greater than 0"),
+     ({"eval_at": (5,), "epochs": 2}, r"eval_at points must lie in \(0, epochs=2\]"), ({"shuffle": "random"}, "shuffle: Input should be 'reference' or 'full'"),
+     ({"seed": -1}, "seed: Input should be greater than or equal to 0, got -1"), ({"seed": 2**64}, "seed: Input should be less than"),
+     ({"seed": 1.5}, "seed: Input should be a valid integer"), ({"deterministic": "yes"}, "deterministic: Input should be a valid boolean")],
 )
 def test_bad_configs_are_refused_with_a_clear_message(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -41,10 +41,10 @@ def test_train_bad_config_exits_2_as_a_user_sees_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fakedet", "train", "--lr", "-1", "--cache-root", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "lr must be > 0" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "lr: Input should be greater than 0, got -1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-@pytest.mark.parametrize("args, message", [(["--lr", "-1"], "lr must be > 0"), (["--seed", "-1"], "seed must be an integer in [0, 2**64), got -1")])
+@pytest.mark.parametrize("args, message", [(["--lr", "-1"], "lr: Input should be greater than 0, got -1"), (["--seed", "-1"], "seed: Input should be greater than or equal to 0, got -1")])
 def test_train_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
     assert main(["train", *args, "--cache-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -77,11 +77,39 @@ def _codecs_encode(text, encoding="utf-8"):  # noqa: ANN001
     return codecs.encode(text, "latin1")
 
 
+# The dtypes numpy pickles for CIFAR's arrays (uint8 pixels; int64 labels in some re-pickles), and
+# the other plain fixed-size numbers. A flexible dtype (void `V`, bytes `S`, str `U`), a structured or
+# an object one is refused: `dtype.__setstate__` (the pickle's BUILD) can give a flexible dtype any
+# itemsize (one numpy scalar of it is then that many bytes: a 257-byte `meta` peaked at 4.4 GB) and
+# any dtype the object flag (its bytes then read as pointers).
+_PLAIN_DTYPES = frozenset(f"{kind}{size}" for kind in "uif" for size in (1, 2, 4, 8)
+                          if not (kind == "f" and size == 1)) | {"b1"}
+_BYTE_ORDERS = ("<", ">", "|", "=")
+
+
+def _dtype(obj, align=False, copy=False):  # noqa: ANN001
+    code = obj.decode("latin1") if isinstance(obj, bytes) else obj
+    if not isinstance(code, str) or code.lstrip("".join(_BYTE_ORDERS)) not in _PLAIN_DTYPES or align not in (False, 0):
+        raise UnsafePickleError(f"refused: numpy dtype {obj!r} (only plain fixed-size numbers are admitted)")
+    return np.dtype(code, False, True)
+
+
+def _dtype_state_is_plain(dtype: np.dtype, state: object) -> bool:
+    """The BUILD state numpy writes for a plain dtype: (3, byte order, None, None, None, -1, -1, 0)."""
+    canonical = dtype.__reduce__()[2]
+    if not (isinstance(state, tuple) and len(state) == len(canonical)):
+        return False
+    order = state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]  # Python 2 pickles read as bytes
+    return state[0] == canonical[0] and order in _BYTE_ORDERS and state[2:] == canonical[2:]
+
+
 def _scalar(dtype, data=None):  # noqa: ANN001
     from numpy._core.multiarray import scalar
 
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.str.lstrip("".join(_BYTE_ORDERS)) not in _PLAIN_DTYPES:
         raise UnsafePickleError(f"refused: numpy scalar of dtype {dtype!r}")
+    if data is not None and (not isinstance(data, bytes) or len(data) != dtype.itemsize):
+        raise UnsafePickleError(f"refused: numpy scalar of dtype {dtype} from {type(data).__name__} data")
     return scalar(dtype, data) if data is not None else scalar(dtype)
 
 
@@ -104,15 +132,39 @@ _ADMITTED = {
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): _codecs_encode,
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, so that BUILD (an object's `__setstate__`) can be checked too: the C
+    one calls it on whatever it built. CIFAR's files are a few large byte strings and lists of ints,
+    so its speed costs little (the 150 MB train file reads in well under a second)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file: io.BufferedIOBase, source: str) -> None:
         super().__init__(file, encoding="bytes")
         self._source = source
+
+    def load_build(self) -> None:
+        # BUILD on a dtype only as numpy writes it (byte order; nothing that sizes or flags it); on an
+        # array only with a plain dtype, whose byte count numpy checks against the bytes in the file
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype):
+            if not _dtype_state_is_plain(inst, state):
+                raise UnsafePickleError(f"refused: a numpy dtype state {str(state)[:80]} (numpy writes (3, byte order, "
+                                        f"None, None, None, -1, -1, 0) for a plain dtype)")
+        elif isinstance(inst, np.ndarray):
+            if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], np.dtype)
+                    and not state[2].hasobject and isinstance(state[4], bytes)):
+                raise UnsafePickleError("refused: an array state other than (version, shape, plain dtype, order, bytes)")
+        else:
+            raise UnsafePickleError(f"refused: setting the state of a {type(inst).__name__} (only numpy's own are admitted)")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
         try:

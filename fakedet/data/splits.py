@@ -1,6 +1,6 @@
 """Seeded, stratified held-out splits.
 
-Two are needed (see the issue, "Splits"): a validation split of CIFAKE train for intrinsic early
+Two are needed: a validation split of CIFAKE train for intrinsic early
 stopping and threshold calibration, and a transfer-validation sample of AGIRI train, so that a
 transfer cutoff is never chosen on a test split. Both are stratified by label (each class keeps
 its share) and depend only on the labels, the seed and the size: the same inputs give the same

@@ -21,14 +21,16 @@ from fakedet.provenance import run_record
 from fakedet.sweep.plan import SweepPlan, trial_resources
 from fakedet.sweep.progress import Progress
 from fakedet.sweep.record import write_sweep_file
-from fakedet.sweep.request import SweepRequest
+from fakedet.sweep.request import RequestError, SweepRequest
 from fakedet.sweep.spec import FaultInjection
 from fakedet.sweep.study import Budget
 from fakedet.sweep.tags import TAG_KIND
 from fakedet.sweep.store import SweepTracking, compare_link, runs_link
 from fakedet.sweep.tracking import MlflowCellCallback
 from fakedet.sweep.trainable import run_trial
-from fakedet.sweep.writer import TrackingUnavailable, writer_for
+from fakedet.sweep.preflight import answering_quickly
+from fakedet.sweep.trust import TAG_STATE_DIGEST, record_state
+from fakedet.sweep.writer import TrackingUnavailable, first_line, writer_for
 
 
 @dataclass
@@ -41,6 +43,8 @@ class SweepOutcome:
     ended_cells: int
     failed_trials: int
     tracking_error: str | None = None
+    tracking_status: int | None = None
+    """the HTTP status of the store's refusal that stopped the sweep (401, 403), None for an outage"""
 
     @property
     def complete(self) -> bool:
@@ -75,8 +79,20 @@ def ray_resources(request: SweepRequest) -> Callable[[Budget], dict[str, float]]
     """What the plan asks for each trial's resources: Ray started, then the cluster's GPUs looked at."""
     def resources(budget: Budget) -> dict[str, float]:
         init_ray(request)
-        return trial_resources(budget, request, ray.cluster_resources().get("GPU", 0))
+        per_trial = trial_resources(budget, request, ray.cluster_resources().get("GPU", 0))
+        if not request.address:  # a local Ray never grows: a trial asking more than it has would wait forever
+            check_satisfiable(per_trial, ray.cluster_resources())
+        return per_trial
     return resources
+
+
+def check_satisfiable(per_trial: dict[str, float], cluster: dict[str, float]) -> None:
+    """Refuse a trial that asks a fixed-size (local) Ray for more CPUs or GPUs than it has."""
+    for key, ray_key, flag in (("cpu", "CPU", "--cpus-per-trial"), ("gpu", "GPU", "--gpus-per-trial")):
+        asked, have = per_trial.get(key, 0.0), cluster.get(ray_key, 0.0)
+        if asked > have:
+            raise RequestError(f"each trial asks for {asked:g} {ray_key}s but the local Ray has {have:g}: no trial could "
+                               f"ever start; lower {flag} (or the study's [budget] {key}s_per_trial)")
 
 
 def tune_config(plan: SweepPlan, request: SweepRequest) -> tune.TuneConfig:
@@ -124,6 +140,8 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     Ray the plan started; returns what ended."""
     outage_s = request.tracking_outage
     cache, data_hash, splits = prepare_data(plan, request)
+    # the first moment the training set's size is known: a batch larger than it could only fail in every trial
+    plan.study.check_training_set(len(splits["cifake_train"]), f"--data {request.data} (cache {data_hash})")
     if meta and meta.get("data_hash") not in (None, data_hash) and not request.allow_data_change:
         raise ValueError(f"--resume: the data changed since sweep {plan.name} started (cache {meta['data_hash']} then, "
                          f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
@@ -155,7 +173,7 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     trainable = tune.with_resources(tune.with_parameters(run_trial, splits=splits, template=plan.template), resources)
 
     logger = MlflowCellCallback(tracking, plan.template, run_params, {"fakedet.study": plan.study.name}, outage_s=outage_s)
-    say(f"MLflow runs: {runs_link(tracking.uri, tracking.experiment_id)}")
+    say(f"MLflow runs: {runs_link(tracking.uri, tracking.experiment_id, plan.name)}")
     if plan.trials and not meta:
         planned = logger.plan_runs(list(plan.trials))
         say(f"MLflow compare: {compare_link(tracking.uri, tracking.experiment_id, planned)}")
@@ -163,7 +181,7 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     path = f"{storage}/{plan.name}"
     if meta:
         if "://" not in storage:  # what earlier runs of the sweep measured but could not log (local storage)
-            replayed = logger.replay_stored(Path(path))
+            replayed = logger.replay_stored(Path(path), plan.trials)
             say(f"resuming {path} (stored results of {replayed} trials checked against MLflow)")
         else:
             say(f"resuming {path}")
@@ -172,7 +190,7 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     else:
         tuner = tune.Tuner(trainable, param_space=plan.param_space, tune_config=tune_config(plan, request),
                            run_config=run_config(plan, storage, callbacks))
-    tracking_error = None
+    tracking_error, tracking_status = None, None
     try:
         results = tuner.fit()
         failed = sum(r.error is not None for r in results)
@@ -180,12 +198,34 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
         cause = _tracking_cause(e)
         if cause is None:
             raise
-        tracking_error, failed = str(cause), 0
+        tracking_error, tracking_status, failed = str(cause), cause.status, 0
+    finally:
+        remember_state(tracking, Path(path), storage)
     writer = writer_for(tracking.uri, outage_s)
     if tracking_error is None and not writer.flush(timeout=outage_s):
-        tracking_error = f"{writer.pending()} tracking writes could not be applied"
+        try:
+            writer.check()  # the writer's own reason, when it gave up
+            tracking_error = f"{writer.pending()} tracking writes could not be applied"
+        except TrackingUnavailable as e:
+            tracking_error, tracking_status = str(e), e.status
     ended = 0 if tracking_error else ended_cells(tracking)
-    return SweepOutcome(plan, tracking, record, cache, data_hash, ended, failed, tracking_error)
+    return SweepOutcome(plan, tracking, record, cache, data_hash, ended, failed, tracking_error, tracking_status)
+
+
+def remember_state(tracking: SweepTracking, experiment_dir: Path, storage: str) -> None:
+    """Record the digest of Ray's saved state as this driver leaves it, in the parent run, where the next
+    `--resume` compares it before letting Ray unpickle the state (`fakedet.sweep.trust`)."""
+    if "://" in storage:
+        return
+    try:
+        recorded = record_state(experiment_dir)
+        if recorded is None:
+            return
+        with answering_quickly():
+            tracking.client().set_tag(tracking.parent_run_id, TAG_STATE_DIGEST, recorded[0])
+    except Exception as e:  # noqa: BLE001 - the sweep's own outcome is reported; this only costs a flag on resume
+        say(f"could not record the digest of {experiment_dir}'s saved state ({first_line(e)}); "
+            f"the resume will ask for --trust-changed-state")
 
 
 def _tracking_cause(e: BaseException) -> TrackingUnavailable | None:

@@ -172,12 +172,19 @@ class TrialSpec:
     def label(self) -> str:
         return " + ".join(t.label for t in self.trajectories)
 
+    @property
+    def key(self) -> str:
+        """Stable id of the trial's cells: reported with every result, so that a replay of Ray's
+        `result.json` finds the trial's spec again without unpickling Ray's `params.pkl`."""
+        return hashlib.sha1(",".join(c.key for c in self.cells).encode()).hexdigest()[:16]
+
     def with_values(self, values: dict[str, Any]) -> "TrialSpec":
         """An HPO trial: the template's trajectory with the sampled training-config fields."""
         return replace(self, trajectories=tuple(t.with_values(values) for t in self.trajectories))
 
 
 TRIAL_KEY = "trial"  # the param-space key under which a grid sweep passes each trial's TrialSpec
+TRIAL_KEY_RESULT = "trial_key"  # the result field holding `TrialSpec.key`
 
 
 def resolve_trial(config: dict[str, Any], template: TrialSpec | None) -> TrialSpec:

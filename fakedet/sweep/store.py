@@ -55,9 +55,29 @@ def ui_base(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 
-def runs_link(uri: str, experiment_id: str) -> str:
-    """The experiment's runs table (MLflow 3 opens on its GenAI home; this is the table of the cells)."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs"
+def sweep_filter(sweep_name: str) -> str:
+    """The MLflow search filter that selects one sweep's runs (its parent and its cells): every run a sweep
+    creates carries its name in the `fakedet.sweep` tag."""
+    return f"tags.`{TAG_SWEEP}` = '{sweep_name}'"
+
+
+# MLflow 3 opens its GenAI view unless told the experiment is model training
+MODEL_TRAINING = {"workflowType": "machine_learning"}
+
+
+def runs_link(uri: str, experiment_id: str, sweep_name: str | None = None) -> str:
+    """The experiment's runs table, filtered to one sweep's runs when `sweep_name` is given (an experiment
+    holds every sweep of a study), in the model-training view."""
+    query = {"searchFilter": sweep_filter(sweep_name), **MODEL_TRAINING} if sweep_name is not None else MODEL_TRAINING
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """One run's page in the model-training view; with `artifact` (a path in the run's artifacts, e.g.
+    `report.html`), its artifacts tab opened on that file, which MLflow shows (an HTML page rendered)."""
+    page = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+    page += f"/artifacts/{urllib.parse.quote(artifact)}" if artifact else ""
+    return f"{page}?{urllib.parse.urlencode(MODEL_TRAINING)}"
 
 
 def compare_link(uri: str, experiment_id: str, run_ids: list[str]) -> str:
@@ -73,6 +93,24 @@ def store_lock(uri: str) -> FileLock | None:
     if not uri.startswith("sqlite:///"):
         return None
     return FileLock(uri[len("sqlite:///"):] + ".lock")
+
+
+def ensure_experiment(client: MlflowClient, uri: str, experiment: str) -> str:
+    """The id of experiment `experiment`, created where it does not exist yet."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Absolute, so that every process (Ray workers change directory) writes to the same place.
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=artifact_location)
+    except Exception:  # two sweeps starting at once: the other one created it first
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @dataclass
@@ -93,15 +131,7 @@ class SweepTracking:
             with lock:  # the first client to touch a new SQLite file creates its schema
                 MlflowClient(uri).search_experiments(max_results=1)
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_location = None
-            if uri.startswith("sqlite:///"):
-                # Absolute, so that every process (Ray workers change directory) writes to the same place.
-                artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
-        else:
-            experiment_id = exp.experiment_id
+        experiment_id = ensure_experiment(client, uri, experiment)
         if parent_run_id is None:
             run = client.create_run(experiment_id, run_name=sweep_name, tags={TAG_SWEEP: sweep_name, TAG_KIND: "sweep", **tags})
             parent_run_id = run.info.run_id

@@ -3,7 +3,11 @@
 The schema below owns every default and every rule: a study file is read once, checked as a whole
 (unknown keys and wrong types refused with one line naming the file, section and key), and turned
 into the `TrialSpec`s Ray runs. Presets (`[presets.<name>]`) and command-line overrides are deltas
-merged over the file's tables before that one check, so they obey the same rules.
+merged over the file's tables before that one check, so they obey the same rules. The training
+config's rules are `fakedet.config`'s: `[fixed]` is `TRAIN_FIELDS` itself and the `[space]` axes are
+lists of its field types. A file holds what differs from these defaults; what is left out is the
+study's protocol. The whole study is checked before anything starts: every axis's values unique, every
+size under its `[limits]` bound, the batch against the training set once the data are known.
 """
 
 from __future__ import annotations
@@ -13,21 +17,45 @@ import itertools
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fakedet.config import TrainConfig, dense_eval_points
+from fakedet.config import TRAIN_FIELDS, EvalPoint, LearningRate, Placement, Seed, TrainConfig, clipped, dense_eval_points, explain, joined, shown
 from fakedet.data.synthetic import SIZES, VARIANTS
-from fakedet.models import PLACEMENTS
 from fakedet.sweep.spec import Objective, Trajectory, TrialSpec
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 MetricName = Annotated[str, Field(pattern=r"^[a-z0-9_]+/[a-z0-9_]+$")]
+TrainFields = TRAIN_FIELDS
+
+# The deepest table or array a study needs: presets.<name>.statistics.primary.change_between is 5 deep.
+# Deeper is a broken or hostile file; refused before anything recurses through it.
+MAX_NESTING = 8
+
+
+def _unique(values: list) -> list:
+    seen: set = set()
+    for v in values:
+        key = repr(v) if isinstance(v, (list, dict)) else v  # a set, so that a long list is checked in linear time
+        if key in seen:
+            raise ValueError(f"{shown(v)} is given twice; each value once (a repeated value would train, and log, one cell twice)")
+        seen.add(key)
+    return values
+
+
+Unique = AfterValidator(_unique)
+
+
+def _study_name(name: str) -> str:
+    if not (0 < len(name) <= 64 and name[0].isalnum() and all(c.isalnum() or c in "._-" for c in name) and name.isascii()):
+        raise ValueError(f"{shown(name)} is not a study name: up to 64 ASCII letters, digits, '.', '_' or '-', first a letter or "
+                         "digit (it names the MLflow experiment and the sweep's folder); set name = \"...\" in the file")
+    return name
 
 
 class StudyError(ValueError):
@@ -38,49 +66,45 @@ def refuse_test_split(metric: str, what: str) -> None:
     """The one rule for choosing on data: never a split whose name contains `test`."""
     split = metric.split("/", 1)[0]
     if "test" in split:
-        raise ValueError(f"{what} {metric!r} is on a test split; choose on a validation split (cifake_val or agiri_val)")
+        raise ValueError(f"{what} {shown(metric)} is on a test split; choose on a validation split (cifake_val or agiri_val)")
 
 
 class _Section(BaseModel):
-    # strict: no silent "10" -> 10 or true -> 1; extra="forbid": a typo is an error, not a default
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # strict: no silent "10" -> 10 or true -> 1; extra="forbid": a typo is an error, not a default;
+    # no inf or nan anywhere (TOML has both): a non-finite number is never a setting; defaults obey the
+    # same rules (and come out in the same types: 1 as 1.0 where a float is meant)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, validate_default=True)
+
+
+T = TypeVar("T")
+Axis = Annotated[list[T], Field(min_length=1), Unique]
+"""An axis of the grid: a list of values of the training config's type for the field, each once."""
 
 
 class AblationSpace(_Section):
-    srm: list[str] = ["none", "pool1", "pool2"]
+    """The grid's axes. An axis left out is the study's one value (`TrainConfig`'s default)."""
+
+    srm: Axis[Placement] = [TrainConfig.srm]
     """SRM placements (fakedet.models.PLACEMENTS): none = the study's base model, pool1 = its SRM model."""
-    epochs: list[PositiveInt] = [1, 10, 50, 100]
+    epochs: Axis[PositiveInt] = [int(TrainConfig.epochs)]
     """Cell lengths; cells differing only here share one trajectory."""
-    lr: list[PositiveFloat] = [1e-4, 1e-3, 1e-2]
+    lr: Axis[LearningRate] = [TrainConfig.lr]
     """Constant SGD learning rates."""
-    seeds: PositiveInt | list[int] = 1
+    seeds: PositiveInt | Axis[Seed] = 1
     """A count (seeds fixed.seed, fixed.seed + 1, ...) or an explicit list."""
 
-    @field_validator("srm")
-    @classmethod
-    def _known_placements(cls, value: list[str]) -> list[str]:
-        bad = [s for s in value if s not in PLACEMENTS]
-        if bad:
-            raise ValueError(f"unknown SRM placement(s) {bad} (known: {', '.join(PLACEMENTS)})")
-        return value
-
-    @field_validator("srm", "epochs", "lr")
-    @classmethod
-    def _not_empty(cls, value: list) -> list:
-        if not value:
-            raise ValueError("needs at least one value")
-        return value
+    @property
+    def seed_count(self) -> int:
+        return self.seeds if isinstance(self.seeds, int) else len(self.seeds)
 
 
 class Sampler(_Section):
     """One HPO dimension: exactly one of loguniform/uniform/randint = [low, high] or choice = [...]."""
 
-    loguniform: tuple[float, float] | None = None
-    uniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
-    choice: list[Any] | None = None
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)  # TOML arrays for the tuples
+    loguniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
+    choice: Axis[Any] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Sampler":
@@ -88,10 +112,7 @@ class Sampler(_Section):
         if len(given) != 1:
             raise ValueError("give exactly one of loguniform, uniform, randint = [low, high] or choice = [...]")
         how = given[0]
-        if how == "choice":
-            if not self.choice:
-                raise ValueError("choice needs at least one value")
-        else:
+        if how != "choice":
             lo, hi = getattr(self, how)
             if not lo < hi:
                 raise ValueError(f"{how} needs low < high, got [{lo}, {hi}]")
@@ -114,10 +135,10 @@ class Sampler(_Section):
 class Budget(_Section):
     dense_points: bool = True
     """Also evaluate at fractions of the first epoch and log-spaced epochs (the cutoff analysis)."""
-    eval_at: list[PositiveFloat] = []
+    eval_at: Annotated[list[EvalPoint], Unique] = []
     """Extra evaluation points, in epochs."""
     cpus_per_trial: PositiveFloat = 1
-    gpus_per_trial: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.25
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 0.25
     """Asked for only where the cluster has GPUs: four small CNNs share one GPU."""
     max_failures: NonNegativeInt = 2
     """A crashed trial is retried from its last checkpoint this many times (Ray's -1, forever, is refused)."""
@@ -126,7 +147,8 @@ class Budget(_Section):
     the cluster has no GPU (bundling does not pay on a CPU) and, on GPUs, as many as the grid allows up to
     `max_bundle`. HPO trials train one sampled configuration each."""
     max_bundle: PositiveInt = 64
-    """The most trajectories `auto` puts in one trial (the issue's K = 64 benchmark point)."""
+    """The most trajectories one trial trains (`auto`'s ceiling, and a number's): the K = 64 point of
+    benchmarks/bench_bundle.py."""
 
 
 class AblationBudget(Budget):
@@ -144,15 +166,18 @@ class HpoBudget(Budget):
     """ASHA: epochs every trial gets before it may be stopped."""
     reduction_factor: Annotated[float, Field(gt=1)] = 3
     """ASHA: keep the best 1/reduction_factor at each rung."""
-    seed: int = 0
-    """TPE sampler seed."""
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    """TPE sampler seed (Optuna's TPE seeds a numpy RandomState: [0, 2**32))."""
 
 
 class Metrics(_Section):
-    intrinsic: list[MetricName] = ["cifake_test/acc", "cifake_test/f1", "cifake_test/auc"]
-    transfer: list[MetricName] = ["agiri_test/acc", "agiri_test/f1", "agiri_test/auc", "cifar100_test/real_recall"]
+    intrinsic: Annotated[list[MetricName], Unique] = ["cifake_test/acc", "cifake_test/f1", "cifake_test/auc"]
+    """The study's intrinsic skill: CIFAKE test accuracy, F1 and AUC."""
+    transfer: Annotated[list[MetricName], Unique] = ["agiri_test/acc", "agiri_test/f1", "agiri_test/auc", "cifar100_test/real_recall"]
+    """Transfer: AGIRI test, and CIFAR-100 test's real recall (every image there is real)."""
     objective: MetricName = "agiri_val/auc"
-    """HPO only: the metric Optuna and ASHA optimise (never a test split)."""
+    """HPO only: the metric Optuna and ASHA optimise (never a test split): transfer-validation;
+    intrinsic alternatives are cifake_val/auc and cifake_val/loss."""
     mode: Literal["max", "min"] | None = None
     """HPO only: default min for losses, max otherwise."""
 
@@ -175,7 +200,7 @@ class Cutoff(_Section):
     patience_epochs: PositiveFloat = 3
     """Early stopping on intrinsic_loss: epochs without an improvement before it stops (counted in epochs,
     not evaluation points, which are uneven); the best point is kept."""
-    report: Annotated[list[MetricName], Field(min_length=1)] = ["agiri_test/auc", "agiri_test/acc", "cifake_test/acc"]
+    report: Annotated[list[MetricName], Field(min_length=1), Unique] = ["agiri_test/auc", "agiri_test/acc", "cifake_test/acc"]
     """Metrics read at each rule's chosen point (test splits: reported, never chosen on)."""
 
     @field_validator("select_on", "intrinsic_loss", "intrinsic_acc")
@@ -221,7 +246,7 @@ class StatisticsOptions(_Section):
     """The headline answer of each question, chosen before the sweep."""
     n_boot: PositiveInt = 1000
     """Bootstrap resamples (of whole trajectories) for the descriptive pooled correlation's interval."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds every resample: the same sweep gives the same table."""
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     trained_metric: MetricName = "cifake_val/auc"
@@ -230,7 +255,7 @@ class StatisticsOptions(_Section):
     """A `pooled|trained` row keeps only cells whose `trained_metric` reaches this, so models still on the
     all-FAKE plateau (accuracy 0.5, AUC ~0.6-0.7 on the stand-in's first epoch) do not drive the
     descriptive pooled correlation; none: no such row."""
-    cutoff_strata: list[str] = []
+    cutoff_strata: Annotated[list[str], Unique] = []
     """Columns whose combinations stratify the cutoff comparison's t (e.g. ["srm", "lr"]: df = trajectories
     − conditions, needs 2+ seeds in some condition); empty: a t over trajectories (valid with one seed
     per condition, wider when conditions differ)."""
@@ -242,17 +267,47 @@ class StatisticsOptions(_Section):
         return value
 
 
+class Limits(_Section):
+    """Ceilings on a study's size, checked before anything starts, so that a slip (`seeds = 1000000000`,
+    `--seeds 100000`, `n_boot = 1e9`) is refused in one line naming its bound instead of planning for hours,
+    running out of memory, or dying after the training. Each sits far above what the study needs; a
+    bigger study raises one here, deliberately."""
+
+    cells: PositiveInt = 10_000
+    """MLflow runs one sweep plans (an ablation's cells, an HPO study's trials): the full grid with three
+    seeds is 108 (3 placements x 4 lengths x 3 rates x 3 seeds); 10,000 is about 100 times that."""
+    seeds: PositiveInt = 100
+    """Seeds per configuration: the study's grid uses 3; 100 already narrows a 95% t-interval over seeds
+    about 12-fold (t(0.975, n-1)/sqrt(n): 2.48 at n = 3, 0.20 at n = 100)."""
+    values: PositiveInt = 100
+    """Values in any one list of the study (an axis, eval_at, a metric list, a choice): the longest the
+    study's files hold is 4 (epochs, placements)."""
+    eval_points: PositiveInt = 1_000
+    """Evaluation points of one trajectory: the dense schedule to 100 epochs has 14; every point costs an
+    evaluation of every set and a checkpoint."""
+    epochs: PositiveInt = 1_000
+    """The longest training, in epochs: the study's longest run is 100; 10 times that."""
+    n_boot: PositiveInt = 100_000
+    """Bootstrap resamples of the analysis (`[statistics] n_boot`): 1000 by default; 10^9 of them asked
+    for 29.8 GiB and died after the whole sweep had trained."""
+    max_failures: NonNegativeInt = 20
+    """Retries of one crashed trial (`[budget] max_failures`, default 2): a trial that crashed 20 times has
+    a cause that another retry will not remove."""
+    presets: PositiveInt = 100
+    """Presets in one file (each is checked whenever the file loads): the study's files hold 2."""
+
+
 class _StudyFile(_Section):
-    name: str
+    name: Annotated[str, AfterValidator(_study_name)]
     kind: Literal["ablation", "hpo"]
-    fixed: dict[str, Any] = {}
+    fixed: TrainFields = TrainFields()
+    """Training-config fields the space does not vary; left out, the study's protocol (`TrainConfig`)."""
     metrics: Metrics = Metrics()
     cutoff: Cutoff = Cutoff()
     data: DataOptions = DataOptions()
     statistics: StatisticsOptions = StatisticsOptions()
+    limits: Limits = Limits()
     presets: dict[str, dict[str, dict[str, Any]]] = {}
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class AblationFile(_StudyFile):
@@ -267,23 +322,54 @@ class HpoFile(_StudyFile):
     budget: HpoBudget = HpoBudget()
 
 
-SECTIONS = ("space", "fixed", "budget", "metrics", "cutoff", "data", "statistics")
+SECTIONS = ("space", "fixed", "budget", "metrics", "cutoff", "data", "statistics", "limits")
 
 
 def _format(path: str, error: ValidationError) -> str:
     """Pydantic's errors as one line: `FILE: [section] key: message; ...`."""
     parts = []
-    for e in error.errors():
-        loc = [str(x) for x in e["loc"] if not (isinstance(x, str) and x in ("function-after[_exactly_one()]",))]
+    for e, (loc, msg) in zip(error.errors(), explain(error)):
+        loc = [x for x in loc if not x.startswith("function-")]
         section, key = (loc[0], ".".join(loc[1:])) if loc else ("", "")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key" if key else "unknown section"
+        if e["type"] == "extra_forbidden" and not key:
+            msg = "unknown section"
         elif not key and e["type"] in ("model_type", "dict_type"):
             msg = "must be a table of keys"
         where = f"[{section}] {key}" if key else f"{section}"
         parts.append(f"{where}: {msg}")
-    return f"{path}: " + "; ".join(parts)
+    return f"{path}: " + joined(parts)
+
+
+def _nesting(value: Any) -> int:
+    """How deep tables and arrays nest in `value` (without recursing: a hostile file may nest thousands deep)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth <= MAX_NESTING:  # deeper is refused anyway: stop counting
+                stack.extend((x, depth) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _check_nesting(raw: dict[str, Any], where: str) -> None:
+    if _nesting(raw) > MAX_NESTING:
+        raise StudyError(f"{where}: tables or arrays nest more than {MAX_NESTING} deep; a study needs at most 5")
+
+
+class _Refusal:
+    """The whole-study rules' errors, collected: every broken rule is said at once, in one line."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.parts.append(f"{where}: {message}")
+
+    def over(self, where: str, value: int, noun: str, limit: int, option: str) -> None:
+        if value > limit:
+            self.add(where, f"{value} {noun}, more than [limits] {option} = {limit} (raise it there to allow more)")
 
 
 @dataclass(frozen=True)
@@ -305,15 +391,20 @@ class Study:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise StudyError(f"{path}: not valid TOML: {e}") from None
+        except ValueError as e:  # an integer of more digits than Python reads
+            raise StudyError(f"{path}: not readable: {clipped(str(e), 120)}") from None
+        except RecursionError:  # tomllib recurses once per nested array or inline table
+            raise StudyError(f"{path}: tables or arrays nest too deep to read; a study needs at most 5") from None
+        _check_nesting(raw, str(path))
         raw.setdefault("name", path.stem)
         base = cls._check(raw, str(path))
         # every preset must apply cleanly, whichever one is asked for: a typo in one is found at once
         for name in base.spec.presets:
-            cls._check(_merge(raw, base.spec.presets[name], f"{path}: preset {name!r}"), f"{path} (preset {name!r})")
+            cls._check(_merge(raw, base.spec.presets[name], f"{path}: preset {clipped(name)!r}"), f"{path} (preset {clipped(name)!r})")
         if preset is None and preset_if_present in base.spec.presets:
             preset = preset_if_present
         if preset is not None and preset not in base.spec.presets:
-            raise StudyError(f"{path}: no preset {preset!r} (has: {', '.join(base.spec.presets) or 'none'})")
+            raise StudyError(f"{path}: no preset {shown(preset)} (has: {', '.join(base.spec.presets) or 'none'})")
         merged = _merge(raw, base.spec.presets[preset], str(path)) if preset else raw
         if overrides:
             merged = _merge(merged, overrides, f"{path}: command-line override")
@@ -324,6 +415,7 @@ class Study:
     @classmethod
     def from_sections(cls, sections: dict[str, Any], source: str) -> "Study":
         """A resolved study as `sections()` wrote it (a sweep's record), checked by the same schema as a file."""
+        _check_nesting(sections, source)
         raw = {k: copy.deepcopy(v) for k, v in sections.items() if k != "preset"}
         study = cls._check(raw, source)
         return cls(study.spec, source, sections.get("preset"))
@@ -332,34 +424,83 @@ class Study:
     def _check(cls, raw: dict[str, Any], where: str) -> "Study":
         model = {"ablation": AblationFile, "hpo": HpoFile}.get(raw.get("kind"))
         if model is None:
-            raise StudyError(f"{where}: kind must be 'ablation' or 'hpo', got {raw.get('kind')!r}")
+            raise StudyError(f"{where}: kind must be 'ablation' or 'hpo', got {shown(raw.get('kind'))}")
         try:
             spec = model.model_validate(raw)
         except ValidationError as e:
             raise StudyError(_format(where, e)) from None
         study = cls(spec, where)
-        study._check_training_configs(where)
+        study._check_whole(where)
         return study
 
-    def _check_training_configs(self, where: str) -> None:
-        """`[fixed]` and every value the space can produce must make a valid TrainConfig."""
-        unknown = sorted(set(self.spec.fixed) - set(TrainConfig.__dataclass_fields__))
-        if unknown:
-            raise StudyError(f"{where}: [fixed] {', '.join(unknown)}: unknown key (TrainConfig fields: "
-                             f"{', '.join(TrainConfig.__dataclass_fields__)})")
-        try:
-            TrainConfig(**self.spec.fixed)
-        except (TypeError, ValueError) as e:
-            raise StudyError(f"{where}: [fixed] {e}") from None
-        if isinstance(self.spec, HpoFile):
-            for key, sampler in self.spec.space.items():
-                if key not in TrainConfig.__dataclass_fields__ or key in ("epochs", "eval_at"):
-                    raise StudyError(f"{where}: [space] {key}: not a training config field an HPO trial can vary")
+    def _check_whole(self, where: str) -> None:
+        """The rules that span sections: what the space varies is not also fixed, every size under its
+        `[limits]` bound, every value an HPO trial can sample a valid training config."""
+        spec, limits, refuse = self.spec, self.spec.limits, _Refusal()
+        refuse.over("presets", len(spec.presets), "presets", limits.presets, "presets")
+        if refuse.parts:  # said before anything else: each preset would be checked in turn
+            raise StudyError(f"{where}: " + joined(refuse.parts))
+        for key in sorted(spec.fixed.model_fields_set & set(self.varied_fields())):
+            refuse.add(f"[fixed] {key}", f"set per trial by {self._varied_by(key)}; remove it from [fixed]")
+        budget = spec.budget
+        refuse.over("[budget] max_failures", budget.max_failures, "retries", limits.max_failures, "max_failures")
+        refuse.over("[statistics] n_boot", spec.statistics.n_boot, "resamples", limits.n_boot, "n_boot")
+        if isinstance(budget.bundle, int) and budget.bundle > budget.max_bundle:
+            refuse.add("[budget] bundle", f"{budget.bundle} is more than max_bundle = {budget.max_bundle} (raise max_bundle to bundle more)")
+        for key, length in sorted(_list_lengths(spec)):
+            refuse.over(key, length, "values", limits.values, "values")
+        if isinstance(spec, AblationFile):
+            space = spec.space
+            refuse.over("[space] seeds", space.seed_count, "seeds", limits.seeds, "seeds")
+            refuse.over("[space] epochs", max(space.epochs), "epochs", limits.epochs, "epochs")
+            cells = len(space.srm) * len(space.lr) * space.seed_count * len(space.epochs)
+            refuse.over("[space]", cells, f"cells ({len(space.srm)} srm x {len(space.lr)} lr x {space.seed_count} seeds x "
+                        f"{len(space.epochs)} epochs)", limits.cells, "cells")
+            if not refuse.parts:  # the points of a bounded grid: a few thousand at most
+                refuse.over("[budget] eval_at", len(self._ablation_points()), "evaluation points per trajectory (with the cells' "
+                            "and the dense ones)", limits.eval_points, "eval_points")
+        else:
+            refuse.over("[budget] epochs", budget.epochs, "epochs", limits.epochs, "epochs")
+            refuse.over("[budget] num_samples", budget.num_samples, "trials (one cell each)", limits.cells, "cells")
+            if budget.grace_period > budget.epochs:
+                refuse.add("[budget] grace_period", f"{budget.grace_period:g} epochs is longer than a trial ({budget.epochs} epochs)")
+            if not refuse.parts:
+                refuse.over("[budget] eval_at", len(self._hpo_points()), "evaluation points per trial", limits.eval_points, "eval_points")
+            for key, sampler in spec.space.items():
+                if key not in TrainFields.model_fields or key in ("epochs", "eval_at"):
+                    refuse.add(f"[space] {clipped(key)}", "not a training config field an HPO trial can vary")
+                    continue
                 for value in sampler.extremes():
                     try:
-                        TrainConfig(**{**self.spec.fixed, key: value})
-                    except (TypeError, ValueError) as e:
-                        raise StudyError(f"{where}: [space] {key}: the value {value!r} it can sample is refused: {e}") from None
+                        TrainConfig(**{**self._fixed(), key: value})
+                    except ValueError as e:
+                        reason = str(e).removeprefix("invalid training config: ")
+                        refuse.add(f"[space] {key}", f"the value {shown(value)} it can sample is refused: {reason}")
+                        break
+        if refuse.parts:
+            raise StudyError(f"{where}: " + joined(refuse.parts))
+
+    def varied_fields(self) -> tuple[str, ...]:
+        """Training-config fields the study sets per trial, never from `[fixed]`."""
+        if isinstance(self.spec, AblationFile):
+            return ("srm", "lr", "epochs", "eval_at")
+        return ("epochs", "eval_at", *self.spec.space)
+
+    def _varied_by(self, key: str) -> str:
+        if key == "epochs":
+            return "[space] epochs" if self.kind == "ablation" else "[budget] epochs"
+        if key == "eval_at":
+            return "[budget] eval_at (and the cells' epochs)"
+        return f"[space] {key}"
+
+    def check_training_set(self, images: int, what: str) -> None:
+        """Refuse, before any trial, a batch larger than the training set (`images` of `what`): every
+        trial could only fail on it."""
+        where, batch = "[fixed] batch_size", self.spec.fixed.batch_size
+        if isinstance(self.spec, HpoFile) and "batch_size" in self.spec.space:
+            where, batch = "[space] batch_size", max(int(v) for v in self.spec.space["batch_size"].extremes())
+        if batch > images:
+            raise StudyError(f"{self.source}: {where}: a batch of {batch} is more than the {images} training images of {what}")
 
     # ---- the typed sections --------------------------------------------------------------------
     @property
@@ -391,34 +532,59 @@ class Study:
         return self.spec.statistics
 
     @property
+    def limits(self) -> Limits:
+        return self.spec.limits
+
+    @property
     def presets(self) -> dict[str, dict]:
         return self.spec.presets
 
     def sections(self) -> dict[str, Any]:
-        """The resolved study as plain data (what a sweep records)."""
-        return {"name": self.name, "kind": self.kind, "preset": self.preset, **self.spec.model_dump(include=set(SECTIONS))}
+        """The resolved study as plain data (what a sweep records): every default filled in; `[fixed]`
+        without the fields the study sets per trial."""
+        sections = self.spec.model_dump(include=set(SECTIONS))
+        sections["fixed"] = self._fixed()
+        return {"name": self.name, "kind": self.kind, "preset": self.preset, **sections}
+
+    def _fixed(self) -> dict[str, Any]:
+        """`[fixed]` resolved: every training-config field the study does not vary, at its value."""
+        return self.spec.fixed.model_dump(exclude=set(self.varied_fields()))
 
     # ---- trials --------------------------------------------------------------------------------
     def seeds(self) -> list[int]:
         seeds = self.spec.space.seeds
         if isinstance(seeds, int):
-            base = int(self.spec.fixed.get("seed", TrainConfig.seed))
+            base = int(self.spec.fixed.seed)
             return [base + i for i in range(seeds)]
         return list(seeds)
+
+    def _ablation_points(self) -> set[float]:
+        space, budget = self.spec.space, self.spec.budget
+        longest = max(space.epochs)
+        points = {float(e) for e in budget.eval_at} | {float(e) for e in space.epochs}
+        if budget.dense_points:
+            points |= set(dense_eval_points(longest))
+        return points
+
+    def _hpo_points(self) -> set[float]:
+        epochs = self.spec.budget.epochs
+        points = {float(e) for e in self.spec.budget.eval_at if e <= epochs}
+        if self.spec.budget.dense_points:
+            points |= set(dense_eval_points(epochs, per_first_epoch=(0.25, 0.5)))
+        points.add(float(epochs))
+        return points
 
     def trajectories(self) -> list[Trajectory]:
         """The ablation grid's trajectories: one per (placement, lr, seed), its cells at every epoch count."""
         if not isinstance(self.spec, AblationFile):
             raise StudyError(f"study {self.name!r} is a {self.kind} study, not an ablation grid")
-        space, budget = self.spec.space, self.spec.budget
+        space = self.spec.space
         cell_epochs = sorted(set(space.epochs))
         longest = cell_epochs[-1]
-        points = {float(e) for e in budget.eval_at} | {float(e) for e in cell_epochs}
-        if budget.dense_points:
-            points |= set(dense_eval_points(longest))
+        points = self._ablation_points()
         beyond = sorted(p for p in points if p > longest)
         if beyond:
-            raise StudyError(f"{self.source}: [budget] eval_at: points {beyond} lie beyond the longest cell ({longest} epochs)")
+            raise StudyError(f"{self.source}: [budget] eval_at: points {shown(beyond)} lie beyond the longest cell ({longest} epochs)")
         trajectories = []
         for srm, lr, seed in itertools.product(space.srm, space.lr, self.seeds()):
             cfg = self._train_config(srm=srm, lr=float(lr), seed=seed, epochs=longest, eval_at=tuple(sorted(points)))
@@ -433,19 +599,29 @@ class Study:
         if not isinstance(self.spec, HpoFile):
             raise StudyError(f"study {self.name!r} is a {self.kind} study, not an HPO study")
         epochs = self.spec.budget.epochs
-        points = {float(e) for e in self.spec.budget.eval_at if e <= epochs}
-        if self.spec.budget.dense_points:
-            points |= set(dense_eval_points(epochs, per_first_epoch=(0.25, 0.5)))
-        points.add(float(epochs))
-        cfg = self._train_config(epochs=epochs, eval_at=tuple(sorted(points)))
+        cfg = self._train_config(epochs=epochs, eval_at=tuple(sorted(self._hpo_points())))
         objective = Objective(self.spec.metrics.objective, self.spec.metrics.objective_mode)
         return TrialSpec((Trajectory(cfg, (float(epochs),)),), objective=objective)
 
     def _train_config(self, **values: Any) -> TrainConfig:
         try:
-            return TrainConfig(**{**self.spec.fixed, **values})
+            return TrainConfig(**{**self._fixed(), **values})
         except (TypeError, ValueError) as e:
             raise StudyError(f"{self.source}: {e}") from None
+
+
+def _list_lengths(spec: BaseModel) -> list[tuple[str, int]]:
+    """(`[section] key`, length) of every list in the study's sections, nested tables and HPO samplers included."""
+    out = []
+    stack: list[tuple[str, Any]] = [(f"[{section}]", getattr(spec, section)) for section in SECTIONS]
+    while stack:
+        where, value = stack.pop()
+        items = value if isinstance(value, dict) else dict(value) if isinstance(value, BaseModel) else None
+        if items is not None:
+            stack += [(f"{where} {k}" if where.endswith("]") else f"{where}.{k}", v) for k, v in items.items()]
+        elif isinstance(value, (list, tuple)):
+            out.append((where, len(value)))
+    return out
 
 
 def resolve_path(path_or_name: str | Path) -> Path:
@@ -464,7 +640,7 @@ def _merge(raw: dict[str, Any], delta: dict[str, Any], where: str) -> dict[str, 
     merged = copy.deepcopy(raw)
     for section, values in delta.items():
         if section not in SECTIONS:
-            raise StudyError(f"{where}: {section!r} is not a section of a study ({', '.join(SECTIONS)})")
+            raise StudyError(f"{where}: {clipped(section)!r} is not a section of a study ({', '.join(SECTIONS)})")
         if not isinstance(values, dict):
             raise StudyError(f"{where}: [{section}] must be a table of keys")
         merged.setdefault(section, {})

@@ -11,9 +11,8 @@ step already stored, so an interrupted and resumed sweep holds each point once.
 from __future__ import annotations
 
 import json
-import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback, Checkpoint
 
-from fakedet.sweep.spec import CELL_ARTIFACTS, Cell, TrialSpec, fmt_epochs, resolve_trial
+from fakedet.sweep.spec import CELL_ARTIFACTS, TRIAL_KEY, TRIAL_KEY_RESULT, Cell, TrialSpec, fmt_epochs, resolve_trial
 from fakedet.sweep.store import SweepTracking, params_of
 from fakedet.sweep.tags import TAG_CELL, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRAJECTORY, TAG_TRIAL
 from fakedet.sweep.writer import TrackingWriter, writer_for
@@ -156,19 +155,29 @@ class MlflowCellCallback(Callback):
         self.writer.check()
         return [r.run_id for r in runs]
 
-    def replay_stored(self, experiment_dir: Path) -> int:
+    def replay_stored(self, experiment_dir: Path, trials: Sequence[TrialSpec] = ()) -> int:
         """Log what the trials of an earlier run of this sweep reported but MLflow never received (an
         outage that outlasted the writer, a killed driver): their results and checkpoints as Ray stored
-        them. Points and cells already logged are skipped, as for any replay. Returns the trials read."""
+        them. Points and cells already logged are skipped, as for any replay. Only JSON is read: a
+        trial's spec is found by the `trial_key` its results carry among the grid's `trials`, or (HPO)
+        rebuilt from the sampled values in the results' `config`; Ray's `params.pkl` is never
+        unpickled. Returns the trials read."""
+        by_key = {t.key: t for t in trials}
         count = 0
         for trial_dir in sorted(Path(experiment_dir).glob("trial_*")):
-            params, results = trial_dir / "params.pkl", trial_dir / "result.json"
-            if not (params.is_file() and results.is_file()):
+            results = trial_dir / "result.json"
+            if not results.is_file():
                 continue
-            with params.open("rb") as f:
-                config = pickle.load(f)
-            lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+            lines = []
+            for line in results.read_text().splitlines():
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    break  # a line cut short by a killed driver: what follows it was never complete
             if not lines:
+                continue
+            config = self._replayed_config(lines[0], by_key)
+            if config is None:
                 continue
             trial = SimpleNamespace(trial_id=lines[0]["trial_id"], config=config)
             for result in lines:
@@ -178,6 +187,13 @@ class MlflowCellCallback(Callback):
                     self.on_checkpoint(0, [], trial, Checkpoint.from_directory(str(trial_dir / name)))
             count += 1
         return count
+
+    def _replayed_config(self, result: dict[str, Any], by_key: dict[str, TrialSpec]) -> dict[str, Any] | None:
+        if self.template is None:  # a grid: the spec named by the result's key (results before keys: not replayable)
+            spec = by_key.get(result.get(TRIAL_KEY_RESULT))
+            return None if spec is None else {TRIAL_KEY: spec}
+        config = result.get("config")
+        return dict(config) if isinstance(config, dict) else None
 
     def _runs_of(self, trial) -> _TrialRuns:
         # the spec is resolved from the trial's config once per trial id, not on every report

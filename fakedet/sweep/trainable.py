@@ -24,7 +24,7 @@ from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.metrics import best_worst_classes, confusion, per_class_recall, plot_threshold_curves, threshold_table
 from fakedet.models import save_checkpoint
-from fakedet.sweep.spec import CELL_ARTIFACTS, Cell, TrialSpec, fmt_epochs, resolve_trial
+from fakedet.sweep.spec import CELL_ARTIFACTS, TRIAL_KEY_RESULT, Cell, TrialSpec, fmt_epochs, resolve_trial
 from fakedet.train import BatchSchedule, EvalRecord, ModelEval, total_steps, train_models
 
 STATE_FILE = "state.pt"
@@ -80,7 +80,7 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
                     for cell in done:
                         write_cell_artifacts(Path(d) / CELL_ARTIFACTS / str(i) / fmt_epochs(cell.epochs), rec, eval_sets, st["model"], cell)
                 result = {**rec.flat(), "trajectory": i, "epoch": rec.epoch, "step": rec.step, "total_steps": total,
-                          "node_id": node_id, "diverged": rec.diverged}
+                          "node_id": node_id, "diverged": rec.diverged, TRIAL_KEY_RESULT: spec.key}
                 if spec.objective is not None:
                     best[i] = _better(spec, best[i], rec.to_dict())
                     # always present (Tune requires its metric in every result); NaN until a finite value exists
@@ -133,5 +133,5 @@ def write_cell_artifacts(out: Path, record: EvalRecord, eval_sets: dict[str, Ima
             table.to_csv(out / f"{name}_thresholds.csv", index=False)
             if name in ("cifake_test", "agiri_test"):
                 fig = plot_threshold_curves(table, f"{name}: srm={cfg.srm} lr={cfg.lr:g} epochs={fmt_epochs(cfg.epochs)}")
-                fig.savefig(out / f"{name}_thresholds.png", dpi=110, bbox_inches="tight")
+                fig.savefig(out / f"{name}_thresholds.png", dpi=110)  # constrained layout fits the legend: no second, "tight" draw
     (out / "metrics.json").write_text(json.dumps(record.metrics, indent=1))

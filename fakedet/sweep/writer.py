@@ -42,7 +42,15 @@ _LOCAL_PATH_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, Not
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking store stayed unreachable for longer than the outage budget, or refused a request."""
+    """The tracking store stayed unreachable for longer than the outage budget, or refused a request
+    (`status`: the HTTP status of the refusal, e.g. 401 or 403; None when it never answered)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):  # keeps `status` across a pickle (Ray may carry the exception between processes)
+        return type(self), (str(self), self.status)
 
 
 def _chain(e: BaseException | None) -> Iterator[BaseException]:
@@ -106,7 +114,8 @@ def unavailable(uri: str, e: BaseException, outage_s: float, what: str = "a writ
         why = f"was unreachable for over {outage_s:g} s"
     else:
         why = f"refused {what}"
-    return TrackingUnavailable(f"the MLflow tracking store {uri} {why} ({type(e).__name__}: {first_line(e)})")
+    return TrackingUnavailable(f"the MLflow tracking store {uri} {why} ({type(e).__name__}: {first_line(e)})",
+                               None if transient(e) else status)
 
 
 def retrying(call: Callable[[], T], outage_s: float, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
