@@ -3,14 +3,20 @@ the study a resumed sweep or a cutoff runs, and bad input stopping with one line
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from ray import tune
 
-from fakedet.sweep.execute import tune_config
-from fakedet.sweep.plan import build_plan, bundle_size, resolve_study, study_differences, trial_resources
-from fakedet.sweep.record import read_sweep_file, recorded_choices, recorded_study, write_sweep_file
+from fakedet.bundle import bundle_key
+from fakedet.config import TrainConfig
+from fakedet.sweep.execute import _tracking_cause, run_config, tune_config
+from fakedet.sweep.plan import build_plan, bundle_size, bundled, default_name, resolve_study, study_differences, trial_resources
+from fakedet.sweep.record import SWEEP_FILE, read_sweep_file, recorded_choices, recorded_study, write_sweep_file
+from fakedet.sweep.spec import TRIAL_KEY, FaultInjection, Trajectory
+from fakedet.sweep.writer import TrackingUnavailable
 from fakedet.sweep.request import SweepRequest
 from fakedet.sweep.study import Study, StudyError
 from fakedet.sweep_cli import build_parser, cutoff_study, main, resumed_study
@@ -66,6 +72,25 @@ def test_bundling_is_decided_in_the_plan():
     assert plan_for(request_from("ablation", "--smoke", "--seeds", "2"), GPU, bundle=2).total_trials == 2
 
 
+def trajectory(srm: str = "none", lr: float = 1e-3, seed: int = 11, epochs: int = 2) -> Trajectory:
+    return Trajectory(TrainConfig(srm=srm, lr=lr, seed=seed, epochs=epochs, eval_at=(1.0,)), (1.0, float(epochs)))
+
+
+def test_bundled_chunks_only_trajectories_that_share_a_step():
+    grid = [trajectory(srm, lr, seed) for srm in ("none", "pool1") for lr in (1e-3, 1e-2) for seed in (11, 12)]
+    grid.append(trajectory("none", epochs=3))  # other evaluation points and length: a bundle of its own
+    # k = 1: one trial per trajectory, in the grid's order
+    assert [trial.trajectories for trial in bundled(grid, 1)] == [(t,) for t in grid]
+    trials = bundled(grid, 3)
+    assert all(len({bundle_key(t.config) for t in trial.trajectories}) == 1 for trial in trials)
+    assert sorted(t.label + str(t.cell_epochs) for trial in trials for t in trial.trajectories) == sorted(
+        t.label + str(t.cell_epochs) for t in grid)  # each trajectory once
+    # four 2-epoch `none`, four 2-epoch `pool1`, one 3-epoch `none`: 3 + 1, 3 + 1, 1
+    assert sorted(len(trial.trajectories) for trial in trials) == [1, 1, 1, 3, 3]
+    # lr and seed may differ within a bundle
+    assert any(len({(t.config.lr, t.config.seed) for t in trial.trajectories}) == 3 for trial in trials)
+
+
 def test_the_grid_is_checked_before_resources_are_asked_for():
     asked = []
     request = request_from("ablation", "--smoke", "--eval-at", "7")
@@ -105,6 +130,66 @@ def test_tune_config(tmp_path):
     assert config.max_concurrent_trials == hpo.study.spec.budget.max_concurrent
 
 
+def test_run_config_keeps_every_checkpoint_and_the_studys_retries(tmp_path):
+    plan = plan_for(request_from("ablation", "--smoke"))
+    config = run_config(plan, str(tmp_path), callbacks=[])
+    assert config.name == plan.name and config.storage_path == str(tmp_path)
+    assert config.failure_config.max_failures == plan.study.budget.max_failures
+    assert config.checkpoint_config.num_to_keep is None  # any evaluation point's model can be reloaded
+
+
+def test_faults_reach_every_trial_and_the_grid(tmp_path):
+    plan = plan_for(request_from("ablation", "--smoke"))
+    faults = FaultInjection(after_step=3, marker=str(tmp_path / "m"))
+    faulty = plan.with_faults(faults)
+    assert all(t.faults == faults for t in faulty.trials) and not any(t.faults for t in plan.trials)
+    assert faulty.param_space[TRIAL_KEY] == tune.grid_search(list(faulty.trials))
+
+
+def test_plan_counts_for_an_hpo_study():
+    plan = plan_for(request_from("hpo", "--smoke"))
+    budget = plan.study.spec.budget
+    assert plan.trials == () and plan.total_trials == plan.trajectory_count == budget.num_samples
+    assert plan.cell_count == budget.num_samples * len(plan.template.cells)
+
+
+def test_default_names_of_one_study_differ():
+    study = Study.load("ablation", preset="smoke")
+    names = {default_name(study) for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith(f"{study.name}-") for n in names)
+
+
+@pytest.mark.parametrize("flags, field, value", [
+    (["--epochs", "1,10"], "epochs", [1, 10]), (["--epochs", "1 2.5"], "epochs", [1, 2.5]),
+    (["--lr", "1e-3,0.01"], "lr", [1e-3, 0.01]), (["--bundle", "auto"], "bundle", "auto"), (["--bundle", "4"], "bundle", 4)])
+def test_flags_parse_into_numbers_lists_and_bundle_sizes(flags, field, value):
+    parsed = getattr(build_parser().parse_args(["ablation", *flags]), field)
+    assert parsed == value and [type(v) for v in as_list(parsed)] == [type(v) for v in as_list(value)]
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+@pytest.mark.parametrize("flags, message", [(["--bundle", "0"], "--bundle takes a positive integer or auto"),
+                                            (["--lr", "fast"], "'fast' is not a number"), (["--srm", ","], "a comma-separated list")])
+def test_bad_flags_are_one_argparse_error(capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["ablation", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_tracking_outage_is_found_behind_the_errors_it_caused():
+    try:
+        try:
+            raise TrackingUnavailable("store down")
+        except TrackingUnavailable as e:
+            raise RuntimeError("the trial's result could not be logged") from e
+    except RuntimeError as outer:
+        assert str(_tracking_cause(outer)) == "store down"
+    assert _tracking_cause(RuntimeError("a bug")) is None
+
+
 def sweep_file(tmp_path: Path, request: SweepRequest, name: str = "s1") -> dict:
     plan = plan_for(request)
     storage = str(tmp_path / "ray_results")
@@ -123,6 +208,21 @@ def test_the_request_round_trips_through_the_sweep_file(tmp_path):
     # the recorded study resolves to the same trials
     study = recorded_study(meta, "sweep file")
     assert build_plan(later, study, "s1", lambda b: CPU, bundle=meta["bundle_size"]).trials == plan_for(request).trials
+
+
+def test_resume_latest_finds_the_newest_sweep_of_its_kind(tmp_path):
+    storage = str(tmp_path)
+    for i, (name, kind) in enumerate([("old", "ablation"), ("new", "ablation"), ("newest", "hpo")]):
+        write_sweep_file(storage, name, {"kind": kind, "name": name})
+        os.utime(tmp_path / name / SWEEP_FILE, (1e9 + i, 1e9 + i))
+    assert read_sweep_file(storage, "latest", "ablation")["name"] == "new"
+    assert read_sweep_file(storage, "latest", "hpo")["name"] == "newest"
+    with pytest.raises(StudyError, match="sweep 'newest' is a hpo sweep, not ablation"):
+        read_sweep_file(storage, "newest", "ablation")
+    with pytest.raises(StudyError, match="no sweep 'gone'"):
+        read_sweep_file(storage, "gone", "ablation")
+    with pytest.raises(StudyError, match="no ablation sweep found"):
+        read_sweep_file(str(tmp_path / "empty"), "latest", "ablation")
 
 
 STUDY = """kind = "ablation"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 import signal
-import tempfile
 import sqlite3
 import subprocess
+import tempfile
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -33,72 +35,106 @@ def assert_no_duplicate_points(c, runs):
             assert len(steps) == len(set(steps)), f"{r.info.run_name}: duplicate steps in {key}: {sorted(steps)}"
 
 
+@dataclass(frozen=True)
+class SmokeRuns:
+    """The smoke ablation (`sweeps/run.py ablation --smoke`, run once per session) as its user sees it:
+    the console output and the MLflow runs."""
+
+    out: str
+    err: str
+    client: MlflowClient
+    parent: Any
+    children: list
+
+    def cell(self, srm: str, epochs: float):
+        return next(r for r in self.children if r.data.params["srm"] == srm and float(r.data.params["epochs"]) == epochs)
+
+
+@pytest.fixture(scope="module")
+def smoke(workspace, smoke_sweep) -> SmokeRuns:
+    c, parent, children = workspace.runs("smoke1")
+    return SmokeRuns(smoke_sweep.stdout, smoke_sweep.stderr, c, parent, children)
+
+
 @pytest.mark.slow
-def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
-    out = smoke_sweep.stdout
+def test_smoke_console_names_the_store_progress_links_and_headlines(smoke):
+    out = smoke.out
     assert out.splitlines()[0].startswith("MLflow tracking: sqlite:///")
     assert "mlflow ui --backend-store-uri sqlite:///" in out.splitlines()[0]
     assert "[progress] trials 6/6 done" in out
-    assert "headline: along training" in out or "cutoffs" in out
-    said = out + smoke_sweep.stderr
+    said = out + smoke.err
     assert not [noise for noise in RAY_NOISE if noise in said], said[-3000:]
     # the stand-in's broken files are said to be broken on purpose
-    assert "skipped as intended: the stand-in breaks" in smoke_sweep.stderr or "cached" in smoke_sweep.stderr
-
-    c, parent, children = workspace.runs("smoke1")
-    assert parent.info.status == "FINISHED"
+    assert "skipped as intended: the stand-in breaks" in smoke.err or "cached" in smoke.err
     # direct links, at the start (runs, and a comparison of the planned cells) and at the end
-    exp = parent.info.experiment_id
+    exp, parent_id = smoke.parent.info.experiment_id, smoke.parent.info.run_id
     assert out.count(f"http://127.0.0.1:5000/#/experiments/{exp}/runs?searchFilter=") == 2
     # at the end, the parent run and its report page
-    assert f"#/experiments/{exp}/runs/{parent.info.run_id}?workflowType=machine_learning" in out
-    assert f"#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/report.html?" in out
+    assert f"#/experiments/{exp}/runs/{parent_id}?workflowType=machine_learning" in out
+    assert f"#/experiments/{exp}/runs/{parent_id}/artifacts/report.html?" in out
     compares = [line for line in out.splitlines() if "#/compare-runs?runs=" in line]
-    assert len(compares) == 2 and all(all(r.info.run_id in line for r in children) for line in compares)
-    # smoke grid: srm {none, pool1} × epochs {1, 2} × lr {1e-2} × 3 seeds
-    assert len(children) == 12
-    assert {(r.data.params["srm"], float(r.data.params["epochs"])) for r in children} == {
-        ("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
-    assert {r.data.params["epochs"] for r in children} == {"1", "2"}  # integral epochs log as integers
-    assert {r.data.tags["fakedet.trajectory"] for r in children} == {
-        f"{srm} lr=0.01 seed={seed}" for srm in ("none", "pool1") for seed in (11, 12, 13)}
-    for r in children:
-        assert r.info.status == "FINISHED"
-        for p in ("srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle", "data", "data_hash", "code_version"):
-            assert p in r.data.params, p
-        m = r.data.metrics
-        for key in ("cifake_test/acc", "cifake_test/f1", "cifake_test/auc", "cifake_val/loss", "cifar100_test/real_recall",
-                    "agiri_test/acc", "agiri_val/auc", "train/loss", "epoch"):
-            assert key in m, key
-        assert m["epoch"] == pytest.approx(float(r.data.params["epochs"]))  # final value is at the cell's epoch count
-        assert not any(k.endswith(("/tp", "/n")) for k in m)  # counts live in artifacts, not in the run table
-        names = {a.path for a in c.list_artifacts(r.info.run_id)}
-        for artifact in ("model.pt", "cifake_test_thresholds.png", "cifake_test_confusion.csv", "cifar100_test_recall_fine.csv"):
-            assert artifact in names, (artifact, names)
-    # the curve: the 2-epoch cell has points at 0.5, 1 and 2 epochs
-    two = next(r for r in children if r.data.params["srm"] == "none" and float(r.data.params["epochs"]) == 2)
-    assert [round(m.value, 3) for m in sorted(c.get_metric_history(two.info.run_id, "epoch"), key=lambda m: m.step)] == [0.5, 1.0, 2.0]
-    assert_no_duplicate_points(c, children)
-    # the parent holds the correlations and the cutoff analysis
-    pm = parent.data.metrics
-    # the headline and its interval as metrics; the full tables as artifacts
+    assert len(compares) == 2 and all(all(r.info.run_id in line for r in smoke.children) for line in compares)
     # six trajectories in two conditions of three seeds: every correlation question is answered with an
     # interval and a test, across seeds too (n − 3 − 1 covariate = 2)
-    assert pm["headline/n_models"] == 12 and pm["headline/n_trajectories"] == 6
-    assert any(k.startswith("cutoff/transfer_val/") for k in pm) and not any(k.startswith("corr/") for k in pm)
     text = unwrapped(out)
     assert "not computable" not in text.split("exploratory:")[0], text[-3000:]
     number = r"[+-]\d\.\d{3} \[95% CI [+-]\d\.\d{3}, [+-]\d\.\d{3}\], [^,]* p [=<] [\d.]+; Holm-adjusted [=<] [\d.]+, n = 6 trajectories"
-    for scope, question in (
-            ("along_training", "along training: change in agiri_test/acc from epoch 1 to 2 (mean over trajectories)"),
-            ("across_models", "across models at equal length: Pearson r(cifake_test/acc, agiri_test/acc), standing averaged over lengths"),
-            ("across_seeds", "across seeds within a condition: Pearson r(cifake_test/acc, agiri_test/acc), standing averaged over lengths")):
+    for question in ("along training: change in agiri_test/acc from epoch 1 to 2 (mean over trajectories)",
+                     "across models at equal length: Pearson r(cifake_test/acc, agiri_test/acc), standing averaged over lengths",
+                     "across seeds within a condition: Pearson r(cifake_test/acc, agiri_test/acc), standing averaged over lengths"):
         assert re.search(f"headline: {re.escape(question)}: {number}", text), (question, text[-3000:])
-        assert pm[f"headline/{scope}/ci_low"] <= pm[f"headline/{scope}/statistic"] <= pm[f"headline/{scope}/ci_high"]
     assert re.search(r"headline: cutoff: transfer_val − intrinsic_val_loss on agiri_test/auc \(mean paired difference\): "
                      r"[+-]\d\.\d{3}.*n = 6 trajectories", text), text[-3000:]
     # every table fits 120 columns (links and paths are single words, kept whole)
     assert not [line for line in out.splitlines() if len(line) > 120 and "/" not in line], out[-3000:]
+
+
+@pytest.mark.slow
+def test_smoke_logs_one_finished_run_per_planned_cell(smoke):
+    assert smoke.parent.info.status == "FINISHED"
+    # smoke grid: srm {none, pool1} × epochs {1, 2} × lr {1e-2} × 3 seeds
+    assert {(r.data.params["srm"], float(r.data.params["epochs"])) for r in smoke.children} == {
+        ("none", 1.0), ("none", 2.0), ("pool1", 1.0), ("pool1", 2.0)}
+    assert len(smoke.children) == 12
+    assert {r.data.params["epochs"] for r in smoke.children} == {"1", "2"}  # integral epochs log as integers
+    assert {r.data.tags["fakedet.trajectory"] for r in smoke.children} == {
+        f"{srm} lr=0.01 seed={seed}" for srm in ("none", "pool1") for seed in (11, 12, 13)}
+    for r in smoke.children:
+        assert r.info.status == "FINISHED", r.info.run_name
+        missing = {"srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle", "data", "data_hash", "code_version"} - set(r.data.params)
+        assert not missing, (r.info.run_name, missing)
+
+
+@pytest.mark.slow
+def test_smoke_cell_runs_hold_their_metrics_and_artifacts(smoke):
+    for r in smoke.children:
+        m = r.data.metrics
+        missing = {"cifake_test/acc", "cifake_test/f1", "cifake_test/auc", "cifake_val/loss", "cifar100_test/real_recall",
+                   "agiri_test/acc", "agiri_val/auc", "train/loss", "epoch"} - set(m)
+        assert not missing, (r.info.run_name, missing)
+        assert m["epoch"] == pytest.approx(float(r.data.params["epochs"]))  # final value is at the cell's epoch count
+        assert not any(k.endswith(("/tp", "/n")) for k in m)  # counts live in artifacts, not in the run table
+        names = {a.path for a in smoke.client.list_artifacts(r.info.run_id)}
+        assert {"model.pt", "cifake_test_thresholds.png", "cifake_test_confusion.csv", "cifar100_test_recall_fine.csv"} <= names, names
+
+
+@pytest.mark.slow
+def test_smoke_cell_curve_has_each_evaluation_point_once(smoke):
+    # the 2-epoch cell has points at 0.5, 1 and 2 epochs
+    history = smoke.client.get_metric_history(smoke.cell("none", 2).info.run_id, "epoch")
+    assert [round(m.value, 3) for m in sorted(history, key=lambda m: m.step)] == [0.5, 1.0, 2.0]
+    assert_no_duplicate_points(smoke.client, smoke.children)
+
+
+@pytest.mark.slow
+def test_smoke_parent_holds_the_headline_and_the_analysis(smoke):
+    c, parent = smoke.client, smoke.parent
+    # the headline and its interval as metrics; the full tables as artifacts
+    pm = parent.data.metrics
+    assert pm["headline/n_models"] == 12 and pm["headline/n_trajectories"] == 6
+    for scope in ("along_training", "across_models", "across_seeds"):
+        assert pm[f"headline/{scope}/ci_low"] <= pm[f"headline/{scope}/statistic"] <= pm[f"headline/{scope}/ci_high"]
+    assert any(k.startswith("cutoff/transfer_val/") for k in pm) and not any(k.startswith("corr/") for k in pm)
     analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
     assert {"analysis/cutoffs.csv", "analysis/correlations.csv", "analysis/cells_summary.csv", "analysis/variance.csv",
             "analysis/cutoff_comparison.csv", "analysis/run_record.json"} <= analysis
@@ -108,8 +144,13 @@ def test_smoke_ablation_end_to_end(workspace, smoke_sweep):
     assert {"scope", "intrinsic", "transfer", "method", "statistic", "ci_low", "ci_high", "p_value", "n_models", "n_trajectories"} <= set(corr)
     assert (corr["p_value"].dropna() > 0).all()  # a permutation p is never 0
     assert len(summary) == 4 and (summary["n_seeds"] == 3).all() and "agiri_test/auc_mean" in summary
-    # each figure is logged once, by the views, under figures/
+
+
+@pytest.mark.slow
+def test_smoke_figures_are_logged_once_by_the_views(smoke):
+    c, parent = smoke.client, smoke.parent
     figures = {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
+    analysis = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
     assert "figures/cutoff_curves.png" in figures and not [a for a in analysis if a.endswith(".png")]
 
 

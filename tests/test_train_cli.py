@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from fakedet.cli import main
 from fakedet.models import load_checkpoint
 
 
@@ -37,26 +38,31 @@ def test_train_smoke_writes_a_checkpoint_history_and_summary(tmp_path):
     assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"].startswith(torch.__version__.split("+")[0])
 
 
-@pytest.mark.parametrize("args, message", [(["--lr", "-1"], "lr: Input should be greater than 0, got -1"), (["--seed", "-1"], "seed: Input should be greater than or equal to 0, got -1")])
-def test_train_bad_config_is_a_clear_error(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "fakedet", "train", *args, "--cache-root", str(tmp_path)],
+def test_train_bad_config_exits_2_as_a_user_sees_it(tmp_path):
+    """The one bad-config case run as a process (the exit code a shell sees); the others run in-process below."""
+    proc = subprocess.run([sys.executable, "-m", "fakedet", "train", "--lr", "-1", "--cache-root", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "lr: Input should be greater than 0, got -1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_a_diverging_run_says_so_in_one_line_and_writes_no_checkpoint(tmp_path, tiny_root):
+@pytest.mark.parametrize("args, message", [(["--lr", "-1"], "lr: Input should be greater than 0, got -1"), (["--seed", "-1"], "seed: Input should be greater than or equal to 0, got -1")])
+def test_train_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
+    assert main(["train", *args, "--cache-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir()), "nothing prepared for a config that cannot train"
+
+
+def test_a_diverging_run_says_so_in_one_line_and_writes_no_checkpoint(tmp_path, tiny_root, capsys):
     out, history = tmp_path / "m.pt", tmp_path / "h.json"
     # lr 10 with momentum 0.99 blows the weights up within the tiny stand-in's first epoch
-    proc = subprocess.run(
-        [sys.executable, "-m", "fakedet", "train", "--smoke", "--lr", "10", "--momentum", "0.99", "--eval-at", "0.5",
-         "--cache-root", str(tiny_root), "--out", str(out), "--history", str(history), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fakedet train:")]
+    rc = main(["train", "--smoke", "--lr", "10", "--momentum", "0.99", "--eval-at", "0.5", "--cache-root", str(tiny_root),
+               "--out", str(out), "--history", str(history), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("fakedet train:")]
     assert len(errors) == 1 and "the run diverged at epoch" in errors[0] and "no checkpoint written" in errors[0]
-    assert "Traceback" not in proc.stderr
     assert not out.exists()
     points = json.loads(history.read_text())["history"]
     assert points[-1]["diverged"] and not any(p["diverged"] for p in points[:-1])
