@@ -88,6 +88,7 @@ def test_monotone_relation_gives_one_with_a_tight_interval_and_a_small_p():
     assert math.isnan(pooled["p_value"]) and "no test" in pooled["note"]  # a description: an interval, no p
 
 
+@pytest.mark.slow  # repeated tables through correlation_table; tests/test_calibration.py checks the same vectorised, in seconds
 def test_independent_noise_interval_covers_zero_and_agrees_with_its_p():
     rng = np.random.default_rng(2)
     covered, small_p = 0, 0
@@ -114,6 +115,7 @@ def test_nested_cells_count_as_one_model_per_trajectory():
     assert r["ci_high"] - r["ci_low"] > 1.0
 
 
+@pytest.mark.slow  # repeated tables through correlation_table; tests/test_calibration.py checks the same vectorised, in seconds
 def test_a_shared_trend_is_not_a_relation_between_models_nor_a_faster_lr():
     """Both metrics rise with training; the largest lr learns ten times faster (both metrics), nothing
     else links them: the pooled correlation is high (a description), the within-condition question
@@ -193,6 +195,7 @@ def test_headlines_one_per_question_with_interval_test_and_n():
     assert lines[2].startswith("across seeds within a condition: Pearson r") and lines[2].endswith("n = 12 trajectories")
 
 
+@pytest.mark.slow  # repeated tables through correlation_table; tests/test_calibration.py checks the same vectorised, in seconds
 def test_table_rows_never_show_an_interval_and_a_p_that_disagree():
     """On null tables (a common trend, condition effects on intrinsic only), every row with a p:
     the interval excludes 0 exactly when p < 0.05."""
@@ -357,6 +360,7 @@ def test_rule_comparison_recovers_an_early_transfer_peak():
     assert "stratified t (srm × lr) p < 0.001" in line and line.endswith("n = 12 trajectories")
 
 
+@pytest.mark.slow  # repeated tables through correlation_table; tests/test_calibration.py checks the same vectorised, in seconds
 def test_rule_comparison_finds_nothing_on_null_curves():
     """Transfer flat (noise only): picking its validation maximum gains nothing on test. The t interval
     covers at its level (tests/test_calibration.py): 40 repeats, bars 34 and 5 (P(fewer) < 3% each)."""
