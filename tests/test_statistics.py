@@ -92,7 +92,7 @@ def test_monotone_relation_gives_one_with_a_tight_interval_and_a_small_p():
 def test_independent_noise_interval_covers_zero_and_agrees_with_its_p():
     rng = np.random.default_rng(2)
     covered, small_p = 0, 0
-    for rep in range(100):
+    for rep in range(40):  # bars 34 and 6: P(fewer covered) = P(more significant) = 0.3% at the 95% level
         x, y = rng.normal(size=(20, 1)), rng.normal(size=(20, 1))
         r = row(correlation_table(cells_table(x, y, epochs=(10,)), None, [X], [Y], methods=("pearson",), n_boot=0),
                 "across_models", epochs="10")
@@ -100,7 +100,7 @@ def test_independent_noise_interval_covers_zero_and_agrees_with_its_p():
         assert excludes == (r["p_value"] < 0.05)  # one model: interval and test cannot disagree
         covered += not excludes
         small_p += r["p_value"] < 0.05
-    assert covered >= 88 and small_p <= 12, (covered, small_p)
+    assert covered >= 34 and small_p <= 6, (covered, small_p)
 
 
 def test_nested_cells_count_as_one_model_per_trajectory():

@@ -64,8 +64,10 @@ def test_smoke_console_names_the_store_progress_links_and_headlines(smoke):
     assert "[progress] trials 6/6 done" in out
     said = out + smoke.err
     assert not [noise for noise in RAY_NOISE if noise in said], said[-3000:]
-    # the stand-in's broken files are said to be broken on purpose
-    assert "skipped as intended: the stand-in breaks" in smoke.err or "cached" in smoke.err
+    # the stand-in's broken files, where the sweep prepared them (not when an earlier test did), are said to be
+    # broken on purpose (tests/test_data_synthetic.py checks the announcement itself)
+    skips = [line for line in said.splitlines() if "skipped" in line and "file(s)" in line]
+    assert all("skipped as intended: the stand-in breaks" in line for line in skips), skips
     # direct links, at the start (runs, and a comparison of the planned cells) and at the end
     exp, parent_id = smoke.parent.info.experiment_id, smoke.parent.info.run_id
     assert out.count(f"http://127.0.0.1:5000/#/experiments/{exp}/runs?searchFilter=") == 2
@@ -272,7 +274,7 @@ def test_two_sweeps_started_at_once_in_one_folder(workspace, tmp_path):
         procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
-    names = [d.name for d in storage.iterdir()]
+    names = [d.name for d in storage.iterdir() if d.is_dir()]  # beside each: its lock and the lock's holder
     assert len(names) == 2 and len(set(names)) == 2
     c = MlflowClient(f"sqlite:///{db}")
     parents = c.search_runs([e.experiment_id for e in c.search_experiments()], filter_string="tags.`fakedet.kind` = 'sweep'")
