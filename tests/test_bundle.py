@@ -105,6 +105,7 @@ def test_bundle_equals_each_model_trained_alone(toy, srm):
         assert not torch.equal(means[0], torch.zeros_like(means[0])) and not torch.equal(means[0], means[1])
 
 
+@pytest.mark.slow  # 160 steps of three models, bundled and alone (5 s)
 def test_bundle_stays_within_1e_4_of_solo_over_160_steps(toy):
     """The README's longer bound: 160 steps (16 epochs of 10 batches), SRM at pool1, lr up to 3e-2.
 

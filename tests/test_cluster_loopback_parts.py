@@ -52,6 +52,7 @@ def wait_for(predicate, timeout: float = 20.0) -> bool:
     return False
 
 
+@pytest.mark.slow  # real processes started, listened on and stopped (10 s)
 def test_a_service_its_session_and_its_socket_are_found_and_all_stopped_by_pid(tmp_path):
     supervisor = Supervisor(tmp_path, log=lambda msg: None)
     service = supervisor.spawn("tree", [sys.executable, "-c", SERVICE], {"PATH": "/usr/bin:/bin"})

@@ -38,6 +38,7 @@ def _tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow  # worker pools of several sizes (5 s)
 def test_deterministic_bytes_whatever_the_parallelism(tiny_src, tmp_path):
     again = make_synthetic(tmp_path / "again", "tiny", workers=0, show_progress=False)
     assert _tree_digest(again) == _tree_digest(tiny_src)
@@ -144,6 +145,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # the two CLIs as subprocesses, the stand-in generated and prepared (10 s)
 def test_cli_make_synthetic_then_prepare_as_a_user_would(tmp_path):
     r = _run("make-synthetic", "sd", "--size", "tiny", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -11,6 +11,7 @@ from fakedet.cli import main
 from fakedet.models import load_checkpoint
 
 
+@pytest.mark.slow  # `fakedet train --smoke` as a subprocess (10 s)
 def test_train_smoke_writes_a_checkpoint_history_and_summary(tmp_path):
     out, history = tmp_path / "m.pt", tmp_path / "h.json"
     proc = subprocess.run(
