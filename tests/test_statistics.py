@@ -403,3 +403,16 @@ def test_cutoff_summary_uses_the_same_trajectories_for_every_rule():
     assert (summary["n"] == 4).all() and list(summary["rule"]) == ["transfer_val", "intrinsic_val_loss", "fixed_50"]
     inter = cut[cut["trajectory"].isin(["t0", "t1", "t2", "t3"]) & (cut["rule"] == "intrinsic_val_loss")]["agiri_test/auc"]
     assert summary.set_index("rule").loc["intrinsic_val_loss", "agiri_test/auc_mean"] == pytest.approx(inter.mean())
+
+
+def test_holm_and_bh_equal_statsmodels_multipletests():
+    from scipy.stats import false_discovery_control
+    from statsmodels.stats.multitest import multipletests
+
+    from fakedet.analysis.summary import holm
+
+    rng = np.random.default_rng(21)
+    for m in (1, 2, 3, 7, 40):
+        for p in (rng.uniform(size=m), rng.uniform(size=m) ** 4, np.round(rng.uniform(size=m), 1)):  # ties too
+            np.testing.assert_allclose(holm(p), multipletests(p, method="holm")[1], rtol=0, atol=1e-15)
+            np.testing.assert_allclose(false_discovery_control(p), multipletests(p, method="fdr_bh")[1], rtol=0, atol=1e-15)
