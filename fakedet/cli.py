@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,8 +133,6 @@ def run_notebook(request: ReportRequest) -> int:
     say(f"running {STUDY_VIEWS.relative_to(REPOSITORY)} on sweep {sweep} ({request.tracking_uri}), "
         f"{len(cells)} cells, from {REPOSITORY}")
     env = {"FAKEDET_TRACKING_URI": request.tracking_uri, "FAKEDET_SWEEP": sweep, "FAKEDET_ANALYSIS": request.analysis or ""}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
     done = []
 
     def progress(cell, cell_index, **_):
@@ -142,18 +141,13 @@ def run_notebook(request: ReportRequest) -> int:
             say(f"[notebook] cell {len(done)}/{len(cells)} done")
 
     try:
-        NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(REPOSITORY)}},
-                       on_cell_executed=progress).execute()
+        with mock.patch.dict(os.environ, env):  # the kernel inherits this process's environment
+            NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(REPOSITORY)}},
+                           on_cell_executed=progress).execute()
     except CellExecutionError as e:
         nbformat.write(nb, out)
         print(f"error: the notebook stopped at a cell ({str(e).strip().splitlines()[-1]}); what ran is in {out}", file=sys.stderr)
         return 1
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     nbformat.write(nb, out)
     say(f"executed notebook written to {out.resolve()} (open it in Jupyter or VS Code; its outputs are saved)")
     return 0

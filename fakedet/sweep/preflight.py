@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pyarrow.fs
 from mlflow.tracking import MlflowClient
@@ -33,17 +34,9 @@ PROBE_TIMEOUT_S = "30"
 @contextmanager
 def answering_quickly() -> Iterator[None]:
     """MLflow clients made in the body ask once, with a short timeout, instead of retrying for minutes."""
-    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(dict(zip(names, (PROBE_RETRIES, PROBE_TIMEOUT_S))))
-    try:
+    with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": PROBE_RETRIES,
+                                      "MLFLOW_HTTP_REQUEST_TIMEOUT": PROBE_TIMEOUT_S}):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def refusal_for_status(status: int | None, uri: str, detail: str) -> Refused:
