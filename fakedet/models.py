@@ -29,12 +29,19 @@ class SRM(nn.Module):
         self.cfc = nn.Conv1d(channels, channels, kernel_size=2, groups=channels, bias=False)
         self.bn = nn.BatchNorm1d(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The module's gates for input `x`: `channel` (b, c), each channel's multiplier in (0, 1).
+
+        Every attention module names its gates this way (`channel` (b, c), `spatial` (b, h, w)), so the
+        maps and views read any module's gates without knowing its kind."""
         b, c = x.shape[:2]
         flat = x.reshape(b, c, -1)
         style = torch.stack((flat.mean(-1), flat.std(-1)), dim=-1)  # (b, c, 2); std is unbiased, as in the reference
-        gate = torch.sigmoid(self.bn(self.cfc(style)))  # (b, c, 1)
-        return x * gate.reshape(b, c, 1, 1)
+        return {"channel": torch.sigmoid(self.bn(self.cfc(style))).reshape(b, c)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        return x * self.gates(x)["channel"].reshape(b, c, 1, 1)
 
 
 @dataclass(frozen=True)
