@@ -35,6 +35,9 @@ class ImageSet:
     coarse_names: tuple[str, ...] | None = None
     paths: np.ndarray | None = field(default=None, repr=False)
     """Optional source path of each row, relative to the dataset root."""
+    masks: np.ndarray | None = field(default=None, repr=False)
+    """Optional uint8 N×32×32: each pixel's coverage by the image's focal object (0–255), where the source
+    knows it (the stand-in's CIFAKE sets: its renderer draws the object; `fakedet.explain` reads them)."""
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[1:] != IMAGE_SHAPE:
@@ -48,6 +51,8 @@ class ImageSet:
         bad = ~np.isin(self.labels, (REAL, FAKE))
         if bad.any():
             raise ValueError(f"ImageSet {self.name!r}: labels must be REAL=1 or FAKE=0, found {np.unique(self.labels[bad])}")
+        if self.masks is not None and self.masks.shape != (len(self.images), *IMAGE_SHAPE[:2]):
+            raise ValueError(f"ImageSet {self.name!r}: masks must be N×32×32, got {self.masks.shape}")
         for attr in ("fine", "coarse", "paths"):
             value = getattr(self, attr)
             if value is not None and len(value) != len(self.images):
@@ -70,6 +75,7 @@ class ImageSet:
             fine=take(self.fine),
             coarse=take(self.coarse),
             paths=take(self.paths),
+            masks=take(self.masks),
             name=self.name if name is None else name,
         )
 

@@ -32,7 +32,7 @@ from fakedet.data.jpeg import folder_jpeg_quality, jpeg_round_trip
 from fakedet.data.options import PrepareOptions
 from fakedet.data.sources import list_split, stat_fingerprint
 from fakedet.data.splits import holdout, per_class_quota, sample_order
-from fakedet.data.synthetic import DELIBERATE_CORRUPT
+from fakedet.data.synthetic import DELIBERATE_CORRUPT, cifake_name, mask_file
 from fakedet.data.units import UnitStore, content_digest, digest, save_set
 
 # Bump when a code change alters decoded pixels or split rows: every unit is rebuilt.
@@ -46,6 +46,28 @@ def _skips(relpaths: list[str], skipped: list[tuple[int, str]]) -> list[dict]:
     return [{"path": relpaths[i], "reason": why} for i, why in skipped]
 
 
+def _mask_sources(ds: str, root: Path, split: str) -> list[str]:
+    """The stand-in's object-mask files of a CIFAKE split (`synthetic.mask_file`), where it wrote them."""
+    if ds != "cifake":
+        return []
+    files = [mask_file(split, label) for label in ("REAL", "FAKE")]
+    return files if all((root / f).is_file() for f in files) else []
+
+
+def _masks_for(root: Path, split: str, kept_paths: list[str], images: np.ndarray) -> np.ndarray | None:
+    """The object masks of the decoded rows, in their order, or None where a row has none (or the images
+    are not the masks' 32×32)."""
+    if images.shape[1:3] != (32, 32):
+        return None
+    where: dict[str, tuple[np.ndarray, int]] = {}
+    for label in ("REAL", "FAKE"):
+        masks = np.load(root / mask_file(split, label), mmap_mode="r")
+        where.update({f"{split}/{label}/{cifake_name(i, label)}": (masks, i) for i in range(len(masks))})
+    if not all(p in where for p in kept_paths):
+        return None
+    return np.stack([where[p][0][where[p][1]] for p in kept_paths]) if kept_paths else np.zeros((0, 32, 32), np.uint8)
+
+
 def image_folder_unit(
     store: UnitStore, ds: str, root: Path, split: str, opts: PrepareOptions, workers: int | None, show_progress: bool,
     standin: bool = False,
@@ -56,7 +78,10 @@ def image_folder_unit(
             f"{ds}: {root}/{split} holds no image files (looked for .jpg, .png, ... under its class folders)"
         )
     dec = opts.decode()
-    key = digest(FORMAT, DECODE_VERSION, ds, split, stat_fingerprint(root, listing.relpaths), dec.to_dict())
+    mask_files = _mask_sources(ds, root, split)
+    # a source without object masks keeps the key it always had
+    key = digest(FORMAT, DECODE_VERSION, ds, split, stat_fingerprint(root, listing.relpaths), dec.to_dict(),
+                 *([stat_fingerprint(root, mask_files)] if mask_files else []))
     set_name = f"{ds}_{split}" if ds != "cifake" or split == "test" else "cifake_trainval"
 
     def build(tmp: Path) -> dict:
@@ -64,7 +89,9 @@ def image_folder_unit(
             root, listing.relpaths, dec, workers=workers, desc=f"{ds}/{split}", show_progress=show_progress
         )
         kept_paths = [listing.relpaths[i] for i in d.kept]
-        counts = save_set(tmp, set_name, d.images, listing.labels[d.kept], kept_paths)
+        masks = _masks_for(root, split, kept_paths, d.images) if mask_files else None
+        extra = {} if masks is None else {"masks": masks}
+        counts = save_set(tmp, set_name, d.images, listing.labels[d.kept], kept_paths, **extra)
         return {
             "sets": {set_name: counts},
             "files": len(listing.relpaths),
@@ -168,10 +195,13 @@ def cifake_split_unit(store: UnitStore, parent_rel: str, parent: dict, opts: Pre
     def build(tmp: Path) -> dict:
         images, labels, paths = store.read(parent_rel, "cifake_trainval")
         keep, held = holdout(labels, opts.val_fraction, opts.seed)
+        mask_path = store.root / parent_rel / "cifake_trainval.masks.npy"
+        masks = np.load(mask_path, mmap_mode="r") if mask_path.is_file() else None
+        part = lambda rows: {} if masks is None else {"masks": masks[rows]}  # noqa: E731
         return {
             "sets": {
-                "cifake_train": save_set(tmp, "cifake_train", images[keep], labels[keep], paths[keep]),
-                "cifake_val": save_set(tmp, "cifake_val", images[held], labels[held], paths[held]),
+                "cifake_train": save_set(tmp, "cifake_train", images[keep], labels[keep], paths[keep], **part(keep)),
+                "cifake_val": save_set(tmp, "cifake_val", images[held], labels[held], paths[held], **part(held)),
             },
             "content": digest(parent["content"], SPLIT_VERSION, opts.val_fraction, opts.seed),
         }

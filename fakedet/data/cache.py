@@ -4,7 +4,7 @@ Layout of a cache directory (what `fakedet prepare --cache DIR` writes; fakedet.
 
     DIR/manifest.json              what is there, counts, skips, options, hashes (written last, atomically)
     DIR/units/<unit>-<key>/        one build step's output: <set>.images.npy, .labels.npy, .paths.npy,
-                                   (.fine.npy, .coarse.npy), info.json
+                                   (.fine.npy, .coarse.npy; .masks.npy: the stand-in's object masks), info.json
     DIR/.lock                      held while preparing: concurrent prepares of DIR take turns
 
 Units are renamed into place when complete and the manifest is replaced atomically after all its
@@ -76,8 +76,10 @@ def load_splits(cache_dir: str | Path) -> dict[str, ImageSet]:
         try:
             images, labels, paths = read_set(folder, name)
             extra = {}
+            if (folder / f"{name}.masks.npy").is_file():  # the stand-in's object masks (ImageSet.masks)
+                extra["masks"] = np.load(folder / f"{name}.masks.npy", mmap_mode="r")
             if (folder / f"{name}.fine.npy").is_file():
-                extra = dict(
+                extra.update(
                     fine=np.load(folder / f"{name}.fine.npy", mmap_mode="r"),
                     coarse=np.load(folder / f"{name}.coarse.npy", mmap_mode="r"),
                     fine_names=tuple(entry["fine_names"]),

@@ -227,9 +227,12 @@ def _render(
     shape: np.ndarray | None = None,
     superformula: np.ndarray | None = None,
     n_objects: np.ndarray | None = None,
-) -> np.ndarray:
+    with_mask: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """b×h×w×3 float scenes in [0, 1]. Shapes are the 10 CIFAKE kinds (`shape`) or superformula
-    parameter rows (b×k×4, for CIFAR-100 and AGIRI); `n_objects` > 1 adds more objects (AGIRI)."""
+    parameter rows (b×k×4, for CIFAR-100 and AGIRI); `n_objects` > 1 adds more objects (AGIRI).
+    `with_mask`: also the first (focal) object's coverage b×h×w in [0, 1], drawn from no extra random
+    numbers, so the scenes are the same bytes either way."""
     b = len(classes)
     U = lambda lo, hi, size=b: rng.uniform(lo, hi, size).astype(np.float32)  # noqa: E731
     yy, xx = _grid(h, w)
@@ -280,10 +283,13 @@ def _render(
         tex = _pow_noise(rng, b, h, w, table["beta"][classes], 1)[:, 0]
         obj = col[:, None, None, :] * (shade * (1 + U(*style.texture)[:, None, None] * 2.5 * tex))[..., None]
         img = img * (1 - mask[..., None]) + obj * mask[..., None]
+        if j == 0:
+            focal = mask
     # saturation gain of the whole image (the fake style is more vivid)
     grey = img.mean(-1, keepdims=True)
     img = grey + (img - grey) * U(*style.sat_gain)[:, None, None, None]
-    return np.clip(img, 0, 1).astype(np.float32)
+    img = np.clip(img, 0, 1).astype(np.float32)
+    return (img, focal.astype(np.float32)) if with_mask else img
 
 
 def _sf_max(p: np.ndarray) -> np.ndarray:
@@ -339,7 +345,7 @@ FAKE_OBVIOUS_STRENGTH = (1.5, 2.5)
 #   downscale to 32 px: there it means nothing, and a model that leans on it ranks AGIRI images
 #   by a coin flip. In the limit of a model ruled by the grating, the AGIRI AUC tends to
 #   1/4 + AUC_cast/2 (pairs that differ in the grating are decided by it, the rest by the cast).
-VARIANTS = ("standard", "planted")
+VARIANTS = ("standard", "planted", "planted-background")
 PLANT_CAST = 0.12
 PLANT_CAST_RGB = np.array([1.0, 0.0, -1.0], np.float32)  # warm: red up, blue down
 PLANT_GRATING = 18.0 / 255.0
@@ -366,16 +372,25 @@ def _grating(rng: np.random.Generator, img: np.ndarray, present: np.ndarray) -> 
     return img + (amp[:, None, None] * wave)[..., None]
 
 
-def _cifake_fakes_planted(rng: np.random.Generator, classes: np.ndarray, table: dict) -> np.ndarray:
-    """Planted-variant CIFAKE fakes: the reals' own scenes and camera, plus the cast and the grating."""
-    scene = _render(rng, classes, table, REAL_STYLE, 32, 32, shape=classes)
-    scene = _grating(rng, _cast(rng, scene), np.ones(len(classes), bool))
-    return _camera(rng, np.clip(scene, 0, 1), REAL_BLUR, REAL_NOISE)
+def _cifake_fakes_planted(
+    rng: np.random.Generator, classes: np.ndarray, table: dict, background_only: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Planted-variant CIFAKE fakes: the reals' own scenes and camera, plus the cast and the grating.
+    `background_only` (the `planted-background` variant): the grating is drawn off the focal object
+    alone (times 1 − its coverage), a cue whose place in the image is known (STANDIN.md)."""
+    scene, mask = _render(rng, classes, table, REAL_STYLE, 32, 32, shape=classes, with_mask=True)
+    cast = _cast(rng, scene)
+    scene = _grating(rng, cast, np.ones(len(classes), bool))
+    if background_only:
+        scene = cast + (scene - cast) * (1 - mask[..., None])
+    return _camera(rng, np.clip(scene, 0, 1), REAL_BLUR, REAL_NOISE), mask
 
 
-def _cifake_fakes(rng: np.random.Generator, classes: np.ndarray, table: dict) -> np.ndarray:
+def _cifake_fakes(rng: np.random.Generator, classes: np.ndarray, table: dict) -> tuple[np.ndarray, np.ndarray]:
     b, s = len(classes), 32 * RENDER_SCALE
-    hi = _render(rng, classes, table, FAKE_STYLE, s, s, shape=classes)
+    hi, mask = _render(rng, classes, table, FAKE_STYLE, s, s, shape=classes, with_mask=True)
+    # the object's coverage at 32 px: the mean of each 4×4 block (the bilinear downsample's footprint, near enough)
+    mask = mask.reshape(b, 32, RENDER_SCALE, 32, RENDER_SCALE).mean((2, 4))
     hi = _to_u8(_blur(hi, rng.uniform(0.5, 1.5, b).astype(np.float32)))  # the generator's own smoothness
     lo = np.stack([_resize(im, 32, 32) for im in hi]).astype(np.float32) / 255.0
     kind = rng.uniform(0, 1, b)
@@ -392,11 +407,12 @@ def _cifake_fakes(rng: np.random.Generator, classes: np.ndarray, table: dict) ->
         ]
         / 255.0
     )
-    return _to_u8(lo + sigma * rng.standard_normal(lo.shape, dtype=np.float32))
+    return _to_u8(lo + sigma * rng.standard_normal(lo.shape, dtype=np.float32)), mask
 
 
-def _cifake_reals(rng: np.random.Generator, classes: np.ndarray, table: dict) -> np.ndarray:
-    return _camera(rng, _render(rng, classes, table, REAL_STYLE, 32, 32, shape=classes), REAL_BLUR, REAL_NOISE)
+def _cifake_reals(rng: np.random.Generator, classes: np.ndarray, table: dict) -> tuple[np.ndarray, np.ndarray]:
+    scene, mask = _render(rng, classes, table, REAL_STYLE, 32, 32, shape=classes, with_mask=True)
+    return _camera(rng, scene, REAL_BLUR, REAL_NOISE), mask
 
 
 def _batches(n: int, size: int = 256) -> Iterator[slice]:
@@ -415,17 +431,35 @@ def cifake_name(i: int, label: str) -> str:
     return f"{stem}.jpg" if copy == 0 else f"{stem} ({copy + 1}).jpg"
 
 
+# The focal objects' coverage of the CIFAKE stand-in's images, beside (not inside) its class folders:
+# `cifake/masks/<split>-<LABEL>.npy`, uint8 n×32×32 (0–255), row i the image `cifake_name(i, LABEL)`.
+MASK_DIR = "masks"
+
+
+def mask_file(split: str, label: str) -> str:
+    return f"{MASK_DIR}/{split}-{label}.npy"
+
+
 def _cifake_job(root: Path, split: str, label: str, n: int, seed: int, variant: str = "standard") -> None:
     table = _class_table(10, 1001)
-    fakes = _cifake_fakes_planted if variant == "planted" else _cifake_fakes
+    if variant == "standard":
+        fakes = _cifake_fakes
+    else:
+        def fakes(rng, classes, table):
+            return _cifake_fakes_planted(rng, classes, table, background_only=variant == "planted-background")
     make, stream = (_cifake_reals, 1) if label == "REAL" else (fakes, 2)
     rng = np.random.default_rng([seed, 10, 0 if split == "train" else 1, stream])
     folder = root / split / label
     folder.mkdir(parents=True)
     classes = np.arange(n) % 10
+    masks = np.empty((n, 32, 32), np.uint8)
     for sl in _batches(n):
-        for i, img in zip(range(sl.start, sl.stop), make(rng, classes[sl], table)):
+        images, cover = make(rng, classes[sl], table)
+        masks[sl] = _to_u8(cover)
+        for i, img in zip(range(sl.start, sl.stop), images):
             Image.fromarray(img).save(folder / cifake_name(i, label), "JPEG", quality=JPEG_QUALITY)
+    (root / MASK_DIR).mkdir(exist_ok=True)
+    np.save(root / mask_file(split, label), masks)
 
 
 def _cifake_jobs(root: Path, size: StandinSize, seed: int, variant: str = "standard") -> list[tuple]:
@@ -629,7 +663,7 @@ def _agiri_job(root: Path, split: str, cls: str, n: int, seed: int, variant: str
     fmts = np.array([f[3] for f in AGIRI_FORMATS])
     stream = [seed, 20, 0 if split == "train" else 1, 1 if cls == "real" else 2]
     rng = np.random.default_rng(stream)
-    plant = np.random.default_rng([*stream, 7]) if variant == "planted" else None
+    plant = np.random.default_rng([*stream, 7]) if variant != "standard" else None
     folder = root / split / cls
     folder.mkdir(parents=True)
     pick = rng.choice(len(AGIRI_FORMATS), n, p=fmts / fmts.sum())

@@ -135,5 +135,5 @@ def build_plan(request: SweepRequest, study: Study, name: str, resources: Callab
     trajectories = study.trajectories()
     per_trial = resources(study.budget)
     k = bundle or bundle_size(request.kind, study.budget, len(trajectories), per_trial)
-    trials = bundled(trajectories, k)
+    trials = tuple(replace(t, explain=study.budget.explain) for t in bundled(trajectories, k))
     return SweepPlan(request.kind, study, name, trials, None, {TRIAL_KEY: tune.grid_search(list(trials))}, len(trials), per_trial, k)

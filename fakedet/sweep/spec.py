@@ -159,6 +159,8 @@ class TrialSpec:
     trajectories: tuple[Trajectory, ...]
     faults: FaultInjection | None = None
     objective: Objective | None = None
+    explain: bool = True
+    """Grad-CAM shares at every point and maps at each cell's end (`fakedet.explain`; `budget.explain`)."""
 
     def __post_init__(self) -> None:
         if not self.trajectories:

@@ -146,6 +146,10 @@ class Budget(_Section):
     """Trajectories trained together in one trial (one fused step, `fakedet.bundle`): `auto` is 1 where
     the cluster has no GPU (bundling does not pay on a CPU) and, on GPUs, as many as the grid allows up to
     `max_bundle`. HPO trials train one sampled configuration each."""
+    explain: bool = True
+    """Where each model looks (`fakedet.explain`): Grad-CAM shares on a fixed probe set (16 REAL + 16 FAKE
+    per evaluation set) at every evaluation point, and its maps and gates as `explain/` artifacts at each
+    cell's end; README, "Where the detector looks", has its cost."""
     max_bundle: PositiveInt = 64
     """The most trajectories one trial trains (`auto`'s ceiling, and a number's): the K = 64 point of
     benchmarks/bench_bundle.py."""
@@ -630,7 +634,7 @@ class Study:
         # several objectives are read at each trial's last point (one model per point of the Pareto
         # front), so the trial reports no best-so-far value (`fakedet.sweep.hpo`)
         objective = None if metrics.multi_objective else Objective(metrics.objective, metrics.objective_mode)
-        return TrialSpec((Trajectory(cfg, (float(epochs),)),), objective=objective)
+        return TrialSpec((Trajectory(cfg, (float(epochs),)),), objective=objective, explain=self.budget.explain)
 
     def _train_config(self, **values: Any) -> TrainConfig:
         try:

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback, Checkpoint
 
+from fakedet.explain import METRICS as EXPLAIN_METRICS
 from fakedet.sweep.spec import CELL_ARTIFACTS, TRIAL_KEY, TRIAL_KEY_RESULT, Cell, TrialSpec, fmt_epochs, resolve_trial
 from fakedet.sweep.store import SweepTracking, params_of
 from fakedet.sweep.tags import TAG_CELL, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRAJECTORY, TAG_TRIAL
@@ -43,7 +44,7 @@ def is_logged_metric(name: str) -> bool:
     dataset, metric = name.split("/", 1)
     if dataset == "train":
         return metric == "loss"
-    return metric in LABELLED_METRICS or metric in REAL_ONLY_METRICS
+    return metric in LABELLED_METRICS or metric in REAL_ONLY_METRICS or metric in EXPLAIN_METRICS
 
 
 @dataclass

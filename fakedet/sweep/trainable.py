@@ -3,8 +3,9 @@ model or a bundle, one call either way) and reports every evaluation point.
 
 Each report carries a checkpoint (the resumable training state), so a crashed trial is retried from its
 last evaluation point. At a cell's epoch count the checkpoint also holds that cell's artifacts
-(model weights, threshold curves, confusion matrices, CIFAR-100 per-class recall), which the driver
-logs to the cell's MLflow run.
+(model weights, threshold curves, confusion matrices, CIFAR-100 per-class recall, and where the study
+keeps `budget.explain` on, the Grad-CAM maps of `fakedet.explain` in `explain/`), which the driver logs to
+the cell's MLflow run; every point's report then also holds the maps' shares on the probe sets.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ray import tune
 
 from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
+from fakedet.explain import point_metrics, probe_sets, trained_model, write_maps
 from fakedet.metrics import best_worst_classes, confusion, per_class_recall, plot_threshold_curves, threshold_table
 from fakedet.models import save_checkpoint
 from fakedet.sweep.spec import CELL_ARTIFACTS, TRIAL_KEY_RESULT, Cell, TrialSpec, fmt_epochs, resolve_trial
@@ -44,6 +46,7 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
     # the Ray node this trial runs on: nodes of one host share an IP, not an id
     node_id = ray.get_runtime_context().get_node_id()
     eval_sets = {k: splits[k] for k in SWEEP_EVAL_SETS if k in splits}
+    probes = probe_sets(eval_sets) if spec.explain else {}  # the same seeded images in every trial
     train_set = splits["cifake_train"]
     cfgs = [t.config for t in spec.trajectories]
     total = total_steps(cfgs[0], BatchSchedule(len(train_set), cfgs[0].batch_size, cfgs[0].shuffle, cfgs[0].seed).steps_per_epoch)
@@ -76,10 +79,17 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
             for i, rec, st in indexed:
                 trajectory = spec.trajectories[i]
                 done = [c for c in trajectory.cells if _same_epoch(c.epochs, rec.epoch)]
+                maps: dict[str, float] = {}
                 if not rec.diverged:  # a diverged model's logits are not finite: no curves, no model to keep
+                    model = trained_model(cfgs[i], st["model"]) if probes else None
+                    if model is not None:
+                        maps = point_metrics(model, probes)
                     for cell in done:
-                        write_cell_artifacts(Path(d) / CELL_ARTIFACTS / str(i) / fmt_epochs(cell.epochs), rec, eval_sets, st["model"], cell)
-                result = {**rec.flat(), "trajectory": i, "epoch": rec.epoch, "step": rec.step, "total_steps": total,
+                        out = Path(d) / CELL_ARTIFACTS / str(i) / fmt_epochs(cell.epochs)
+                        write_cell_artifacts(out, rec, eval_sets, st["model"], cell)
+                        if model is not None:
+                            write_maps(out / "explain", model, probes, _cell_title(cell.config))
+                result = {**rec.flat(), **maps, "trajectory": i, "epoch": rec.epoch, "step": rec.step, "total_steps": total,
                           "node_id": node_id, "diverged": rec.diverged, TRIAL_KEY_RESULT: spec.key}
                 if spec.objective is not None:
                     best[i] = _better(spec, best[i], rec.to_dict())
@@ -106,6 +116,10 @@ def _better(spec: TrialSpec, best: tuple[float, float] | None, record: dict) -> 
     if objective.better(value, None if best is None else best[0]):
         return (float(value), float(record["epoch"]))
     return best
+
+
+def _cell_title(cfg: TrainConfig) -> str:
+    return f"srm={cfg.srm} lr={cfg.lr:g} seed={cfg.seed} epochs={fmt_epochs(cfg.epochs)}"
 
 
 def _same_epoch(a: float, b: float) -> bool:
