@@ -27,7 +27,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from fakedet.config import TrainConfig
 from fakedet.metrics import THRESHOLD_CURVES, draw_threshold_curves, threshold_counts
 from fakedet.models import PLACEMENTS
-from fakedet.results import SweepResults
+from fakedet.results import SweepResults, no_progress_bar
 from fakedet.sweep.study import Cutoff
 
 CELL_COLUMNS = ("srm", "epochs", "lr", "seed")
@@ -620,6 +620,102 @@ def cutoff_curves(results: SweepResults, metrics: Sequence[str] | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------------
+# where the detectors look (fakedet.explain's maps and shares)
+# ---------------------------------------------------------------------------------------------------
+def explain_metric(results: SweepResults, dataset: str = "cifake_test") -> str | None:
+    """The share the explain view plots: the Grad-CAM mass off the object on FAKE images where the set has
+    object masks (the stand-in), else the mass in the central quarter (real data); None where the sweep
+    logged no shares (`budget.explain` off, or a sweep from before them)."""
+    for metric in ("cam_bg_share_fake", "cam_centre_share"):
+        if f"{dataset}/{metric}" in results.points:
+            return f"{dataset}/{metric}"
+    return None
+
+
+def _explain_arrays(results: SweepResults, run_id: str, dataset: str) -> dict[str, np.ndarray] | None:
+    with tempfile.TemporaryDirectory(prefix="fakedet-explain-") as d, no_progress_bar():
+        try:
+            path = results.client.download_artifacts(run_id, f"explain/{dataset}.npz", d)
+        except Exception:  # noqa: BLE001 - a cell without maps (explain off, diverged) is drawn empty
+            return None
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+
+def explain_view(results: SweepResults, dataset: str = "cifake_test", image: int | None = None) -> Figure:
+    """Where the detectors look: one probe image's last-convolution Grad-CAM in a cell per placement (rows)
+    and training length (columns), for the sweep's first learning rate and seed; and the share of the maps'
+    mass (`explain_metric`) against epochs, a line per condition (mean over its seeds, ±1 SD band), with
+    the share a map spread evenly would give (dotted). `image`: the row in the probe set (default: its
+    first FAKE image whose map has mass in the first cell drawn)."""
+    metric = explain_metric(results, dataset)
+    cells = results.finished_cells()
+    look = Look.of(results)
+    placements = sorted(dict.fromkeys(cells["srm"]), key=_placement_order)
+    lengths = sorted(cells["cell_epochs"].astype(float).unique())
+    lr, seed = (sorted(cells["lr"].unique())[0], sorted(cells["seed"].unique())[0]) if len(cells) else (None, None)
+    fig = Figure(figsize=(max(7.5, 1.5 * (len(lengths) + 1) + 4.5), max(4.2, 1.5 * len(placements) + 1.8)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[len(lengths) + 1, 4])
+    grid = left.subplots(max(len(placements), 1), len(lengths) + 1, squeeze=False)
+    shown = None
+    for r, srm in enumerate(placements):
+        for c, epochs in enumerate(lengths):
+            ax = grid[r, c + 1]
+            ax.set_xticks([]), ax.set_yticks([])
+            row = cells[(cells["srm"] == srm) & (cells["lr"] == lr) & (cells["seed"] == seed) & (cells["cell_epochs"] == epochs)]
+            arrays = _explain_arrays(results, row["run_id"].iloc[0], dataset) if len(row) else None
+            if r == 0:
+                ax.set_title(plural(epochs, "epoch"), fontsize=LEGEND_PT)
+            if arrays is None:
+                ax.text(0.5, 0.5, "no map", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+                continue
+            if image is None:  # the first FAKE image whose map has mass in the first cell drawn (else the first image)
+                live = np.flatnonzero((arrays["labels"] == 0) & (arrays["cam/last_conv"].reshape(len(arrays["labels"]), -1).max(1) > 0))
+                image = int(live[0]) if len(live) else 0
+            k = image
+            img, cam = arrays["images"][k], arrays["cam/last_conv"][k]
+            ax.imshow(img)
+            ax.imshow(cam / cam.max() if cam.max() > 0 else cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if "masks" in arrays:
+                ax.contour(arrays["masks"][k].astype(float), levels=[127.5], colors="white", linewidths=0.8)
+            shown = (k, img, int(arrays["labels"][k]), int(arrays["rows"][k]))
+        grid[r, 0].set_ylabel(f"srm={srm}", color=placement_colour(srm), fontsize=LEGEND_PT)
+        grid[r, 0].set_xticks([]), grid[r, 0].set_yticks([])
+    for r in range(len(placements)):
+        if shown is not None:
+            grid[r, 0].imshow(shown[1])
+    if shown is not None:
+        grid[0, 0].set_title("image", fontsize=LEGEND_PT)
+    which = (f"probe image {shown[0]} ({'REAL' if shown[2] == 1 else 'FAKE'}),\nrow {shown[3]} of {dataset}" if shown is not None
+             else "no maps logged")
+    left.suptitle(f"last-conv Grad-CAM, lr={lr:g}, seed {seed};\n{which}; white: the object" if lr is not None else which, fontsize=8)
+    ax = right.subplots()
+    if metric is None:
+        ax.text(0.5, 0.5, "no Grad-CAM shares logged\n(budget.explain off, or an older sweep)", ha="center", va="center",
+                transform=ax.transAxes)
+    curves = condition_curves(results.points, metric) if metric else []
+    for curve in curves:
+        _draw_curve(ax, curve, look)
+    even = f"{dataset}/cam_bg_area" if metric and "bg_share" in metric else None
+    if even and even in results.points:
+        ax.axhline(float(results.points[even].mean()), color="black", linestyle=":", linewidth=1)
+    elif metric:
+        ax.axhline(0.25, color="black", linestyle=":", linewidth=1)
+    epoch_axis(ax, results.points["epoch"].astype(float))
+    ax.set(title=metric or dataset, ylabel="share of the map's mass")
+    _style_axes(ax)
+    groups = look.legend_groups([c.srm for c in curves] or placements, _band_text(curves))
+    groups.append(("dotted", [Line2D([], [], color="black", linestyle=":", label="a map spread evenly")]))
+    _figure_legend(fig, groups)
+    n_probe = "16 REAL + 16 FAKE probe images" if "cifar100" not in dataset else "32 probe images"
+    replicates = _replicates_note(curves) if curves else "n = 0 trajectories with shares"
+    fig.suptitle(f"{results.name}: where the detectors look on {dataset}\n{replicates};\neach point a mean over "
+                 f"{n_probe} (the same in every cell); a Grad-CAM shows which activations\nthe logit's gradient weighs, not a cause",
+                 fontsize=10)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
 # all views, logged to the parent run
 # ---------------------------------------------------------------------------------------------------
 # file name under figures/ -> view; a new view is one line here
@@ -633,6 +729,7 @@ VIEWS: dict[str, Callable[[SweepResults], pd.DataFrame | Figure]] = {
     "transfer_scatter_cifake_test_acc_vs_agiri_test_auc.png": transfer_scatter,
     "cutoff_curves.png": cutoff_curves,
     "seed_spread_agiri_test_auc.png": seed_spread,
+    "explain_cifake_test.png": explain_view,
 }
 
 
@@ -666,6 +763,6 @@ def log_figures(results: SweepResults, client, parent_run_id: str, artifact_path
 
 __all__ = [
     "table2", "table3", "table4", "labelled_table", "best_worst", "correlation_table", "cells_summary", "variance_table",
-    "cutoff_summary", "cutoff_comparison", "seed_spread",
+    "cutoff_summary", "cutoff_comparison", "seed_spread", "explain_view", "explain_metric",
     "figure4", "figure5", "figure5_cells", "transfer_scatter", "cutoff_curves", "cutoff_metrics", "log_figures", "VIEWS",
 ]

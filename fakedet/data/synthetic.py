@@ -29,8 +29,10 @@ How each part is made (all vectorised numpy; one seed gives the same bytes on a 
 `variant="planted"` (STANDIN.md, "The planted variant") swaps the CIFAKE fingerprint for two cues of
 known effect: a warm colour cast shared with the AGIRI fakes (transfers, learned early) and a faint
 grating on every CIFAKE fake that means nothing on AGIRI (stronger, learned later, hurts transfer):
-a known answer for the study's correlation and cutoff analyses. The standard variant's bytes do
-not change.
+a known answer for the study's correlation and cutoff analyses. `variant="planted-background"`
+draws that grating off the focal object only (a known answer for the Grad-CAM maps of `fakedet.explain`).
+Each CIFAKE image's object coverage goes beside its class folders (`mask_file`). The standard and
+planted variants' image bytes do not change.
 """
 
 from __future__ import annotations
@@ -738,7 +740,7 @@ def make_synthetic(
 
     variant: `standard` (the stand-in described in STANDIN.md) or `planted` (CIFAKE fakes carry a
     transferable cue learned early and a stronger non-transferable one learned later; STANDIN.md,
-    "The planted variant"). Built in a temporary sibling folder and renamed, so a crash leaves
+    "The planted variant"), or `planted-background` (its grating off the focal object only). Built in a temporary sibling folder and renamed, so a crash leaves
     nothing half-written and two processes can race (the loser discards its copy). Returns out_dir.
     """
     if size not in SIZES:
