@@ -190,44 +190,56 @@ def shares(cam: np.ndarray, images: ImageSet) -> dict[str, float]:
     return out
 
 
-def point_metrics(model: nn.Module, probes: Mapping[str, Probe], device: torch.device | str = "cpu") -> dict[str, float]:
-    """`<set>/<metric>` of the last convolution's Grad-CAM on every probe set: what an evaluation point logs."""
-    out: dict[str, float] = {}
+def explain_probes(model: nn.Module, probes: Mapping[str, Probe], device: torch.device | str = "cpu") -> dict[str, Explanation]:
+    """`explain` of every probe set in one forward and backward pass (each image's map depends on that
+    image alone, so the sets share a batch)."""
     if not probes:
-        return out
-    # one forward and backward pass for all sets (each image's map depends on that image alone)
+        return {}
     joined = ImageSet(np.concatenate([p.images.images for p in probes.values()]),
                       np.concatenate([p.images.labels for p in probes.values()]))
-    cams = explain(model, joined, device).cams[LAST_CONV]
-    start = 0
+    e = explain(model, joined, device)
+    out, start = {}, 0
     for name, probe in probes.items():
-        n = len(probe.images)
-        out.update({f"{name}/{k}": v for k, v in shares(cams[start : start + n], probe.images).items()})
-        start += n
+        part = slice(start, start + len(probe.images))
+        out[name] = Explanation({k: v[part] for k, v in e.cams.items()}, {k: v[part] for k, v in e.gates.items()}, e.logits[part])
+        start = part.stop
     return out
 
 
-def write_maps(out: Path, model: nn.Module, probes: Mapping[str, Probe], title: str = "", device: torch.device | str = "cpu") -> None:
+def probe_shares(explained: Mapping[str, Explanation], probes: Mapping[str, Probe]) -> dict[str, float]:
+    """`<set>/<metric>` of the last convolution's maps of every probe set: what an evaluation point logs."""
+    return {f"{name}/{k}": v for name, e in explained.items() for k, v in shares(e.cams[LAST_CONV], probes[name].images).items()}
+
+
+def point_metrics(model: nn.Module, probes: Mapping[str, Probe], device: torch.device | str = "cpu") -> dict[str, float]:
+    """`probe_shares` of `model` on `probes`."""
+    return probe_shares(explain_probes(model, probes, device), probes)
+
+
+def write_maps(out: Path, probes: Mapping[str, Probe], explained: Mapping[str, Explanation]) -> None:
     """`out/<set>.npz` (images, labels, rows, logits, `cam/<layer>`, `gate/<module>/<kind>`, masks where
-    known) and `out/<set>.png` (each image, and each layer's map over it) for every probe set."""
+    known) and `out/<set>.png` (`mosaic`: each image above its maps, upscaled ×3) for every probe set.
+    The PNG is the bare mosaic (matplotlib's `imsave`: no figure to lay out, about a tenth of the cost);
+    `map_grid` draws it with labels from the npz."""
+    from matplotlib.image import imsave
+
     out.mkdir(parents=True, exist_ok=True)
     for name, probe in probes.items():
-        e = explain(model, probe.images, device)
+        e = explained[name]
         arrays = {"images": probe.images.images, "labels": probe.images.labels, "rows": probe.rows, "logits": e.logits,
                   **{f"cam/{k}": v for k, v in e.cams.items()}, **{f"gate/{k}": v for k, v in e.gates.items()}}
         if probe.images.masks is not None:
             arrays["masks"] = np.asarray(probe.images.masks)
         np.savez_compressed(out / f"{name}.npz", **arrays)
-        fig = map_grid(probe.images, e, f"{name}: {title}" if title else name)
-        fig.savefig(out / f"{name}.png", dpi=80)
+        imsave(out / f"{name}.png", np.kron(mosaic(probe.images, e), np.ones((3, 3, 1), np.float32)))
 
 
-def map_grid(images: ImageSet, e: Explanation, title: str, columns: int = 16):
-    """The probe images in rows of `columns`, each with its maps below it (one row per layer: the map,
-    scaled per image, in jet over the image at alpha 0.5; the object's outline, white, where the set has
-    masks), drawn as one mosaic: a map shows where, not how much."""
+def mosaic(images: ImageSet, e: Explanation, columns: int = 16) -> np.ndarray:
+    """The probe images in rows of `columns` (REAL, then FAKE: `probe_set`'s order), each with its maps
+    below it, one row per layer in `e.cams`' order (`last_conv` first): the map, scaled per image, in jet
+    over the image at alpha 0.5, the object's outline in white where the set has masks. A map shows
+    where, not how much. RGB float in [0, 1], 2 px white between tiles."""
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
 
     layers = list(e.cams)
     n = len(images)
@@ -235,12 +247,11 @@ def map_grid(images: ImageSet, e: Explanation, title: str, columns: int = 16):
     blocks = -(-n // cols)
     tile, pad = 32, 2
     rows = blocks * (1 + len(layers))
-    mosaic = np.ones((rows * (tile + pad), cols * (tile + pad), 3), np.float32)
+    out = np.ones((rows * (tile + pad), cols * (tile + pad), 3), np.float32)
     jet = colormaps["jet"]
     for i in range(n):
         b, c = divmod(i, cols)
         img = np.asarray(images.images[i], np.float32) / 255.0
-        x0 = c * (tile + pad)
         tiles = [img]
         for layer in layers:
             cam = e.cams[layer][i]
@@ -251,17 +262,26 @@ def map_grid(images: ImageSet, e: Explanation, title: str, columns: int = 16):
                 over[edge] = 1.0
             tiles.append(over)
         for j, t in enumerate(tiles):
-            y0 = (b * (1 + len(layers)) + j) * (tile + pad)
-            mosaic[y0 : y0 + tile, x0 : x0 + tile] = t
-    # a fixed layout: no layout engine's extra draw (a cell writes one grid per evaluation set)
+            y0, x0 = (b * (1 + len(layers)) + j) * (tile + pad), c * (tile + pad)
+            out[y0 : y0 + tile, x0 : x0 + tile] = t
+    return out
+
+
+def map_grid(images: ImageSet, e: Explanation, title: str, columns: int = 16):
+    """`mosaic` as a labelled figure: the layer of each row, each image's class (R/F) and logit."""
+    from matplotlib.figure import Figure
+
+    layers = list(e.cams)
+    cols = max(1, min(columns, len(images)))
+    blocks = -(-len(images) // cols)
+    rows = blocks * (1 + len(layers))
     fig = Figure(figsize=(max(6.0, cols * 0.55), rows * 0.55 + 1.0))
     ax = fig.add_axes((0.08, 0.1, 0.9, 0.75))
-    ax.imshow(mosaic, interpolation="nearest")
-    ax.set_xticks([(c + 0.5) * (tile + pad) for c in range(cols)])
-    ax.set_xticklabels([f"{'R' if images.labels[k] == REAL else 'F'}{e.logits[k]:+.1f}" for k in range(cols)], fontsize=6,
-                       rotation=90)
-    ax.set_yticks([(r + 0.5) * (tile + pad) for r in range(rows)])
+    ax.imshow(mosaic(images, e, columns), interpolation="nearest")
+    ax.set_xticks([(c + 0.5) * 34 for c in range(cols)])
+    ax.set_xticklabels([f"{'R' if images.labels[k] == REAL else 'F'}{e.logits[k]:+.1f}" for k in range(cols)], fontsize=6, rotation=90)
+    ax.set_yticks([(r + 0.5) * 34 for r in range(rows)])
     ax.set_yticklabels((["image", *layers] * blocks)[:rows], fontsize=6)
     ax.tick_params(length=0)
-    fig.suptitle(f"{title}\nGrad-CAM for each image's own class, per layer; first row's labels: class (R/F) and logit", fontsize=8)
+    fig.suptitle(f"{title}\nGrad-CAM for each image's own class, per layer; labels: class (R/F) and logit of the first row", fontsize=8)
     return fig

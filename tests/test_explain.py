@@ -16,7 +16,7 @@ from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.data import load_splits
 from fakedet.data.synthetic import cifake_name, mask_file
-from fakedet.explain import LAST_CONV, explain, point_metrics, probe_set, probe_sets, shares, trained_model, write_maps
+from fakedet.explain import LAST_CONV, explain, explain_probes, map_grid, point_metrics, probe_set, probe_sets, shares, trained_model, write_maps
 from fakedet.models import build_model
 from fakedet.train import train, train_bundle
 
@@ -178,11 +178,14 @@ def test_bundled_models_each_explained_and_written(toy, tmp_path):
     train_bundle(cfgs, train_set, {"t": test}, on_eval=lambda k, rec, snap: got.__setitem__(k, snap()["model"]))
     metrics = [point_metrics(trained_model(cfgs[k], got[k]), probes) for k in (0, 1)]
     assert metrics[0]["t/cam_bg_share"] != metrics[1]["t/cam_bg_share"]
-    write_maps(tmp_path, trained_model(cfgs[0], got[0]), probes, "bundle row 0")
+    write_maps(tmp_path, probes, explain_probes(trained_model(cfgs[0], got[0]), probes))
     with np.load(tmp_path / "t.npz") as z:
         assert {"images", "labels", "rows", "logits", "masks", "cam/last_conv", "cam/attend", "gate/attend/channel"} <= set(z.files)
         assert z["gate/attend/channel"].shape == (32, 6)
     assert (tmp_path / "t.png").stat().st_size > 1000
+    e = explain_probes(trained_model(cfgs[1], got[1]), probes)["t"]
+    assert np.array_equal(e.cams[LAST_CONV], explain(trained_model(cfgs[1], got[1]), probes["t"].images).cams[LAST_CONV])
+    assert map_grid(probes["t"].images, e, "row 1").axes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

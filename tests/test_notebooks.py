@@ -114,6 +114,8 @@ def test_study_views_notebook_shows_the_smoke_sweep(executed):
     assert len(result(tagged(nb, "seed_spread"), "image/png")) > 5000
     assert "mean_diff" in result(tagged(nb, "cutoff_comparison"), "text/html")
     assert "transfer_val" in result(tagged(nb, "cutoff_summary"), "text/html")
+    assert len(result(tagged(nb, "explain"), "image/png")) > 5000  # where the detectors look
+    assert "cifake_test/cam_bg_share_fake" in result(tagged(nb, "explain_table"), "text/html")
 
 
 @pytest.mark.slow

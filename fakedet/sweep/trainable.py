@@ -23,7 +23,7 @@ from ray import tune
 
 from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
-from fakedet.explain import point_metrics, probe_sets, trained_model, write_maps
+from fakedet.explain import explain_probes, probe_sets, probe_shares, trained_model, write_maps
 from fakedet.metrics import best_worst_classes, confusion, per_class_recall, plot_threshold_curves, threshold_table
 from fakedet.models import save_checkpoint
 from fakedet.sweep.spec import CELL_ARTIFACTS, TRIAL_KEY_RESULT, Cell, TrialSpec, fmt_epochs, resolve_trial
@@ -81,14 +81,14 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
                 done = [c for c in trajectory.cells if _same_epoch(c.epochs, rec.epoch)]
                 maps: dict[str, float] = {}
                 if not rec.diverged:  # a diverged model's logits are not finite: no curves, no model to keep
-                    model = trained_model(cfgs[i], st["model"]) if probes else None
-                    if model is not None:
-                        maps = point_metrics(model, probes)
+                    # one pass over the probe sets gives the point's shares and, where cells end, their maps
+                    explained = explain_probes(trained_model(cfgs[i], st["model"]), probes) if probes else {}
+                    maps = probe_shares(explained, probes)
                     for cell in done:
                         out = Path(d) / CELL_ARTIFACTS / str(i) / fmt_epochs(cell.epochs)
                         write_cell_artifacts(out, rec, eval_sets, st["model"], cell)
-                        if model is not None:
-                            write_maps(out / "explain", model, probes, _cell_title(cell.config))
+                        if explained:
+                            write_maps(out / "explain", probes, explained)
                 result = {**rec.flat(), **maps, "trajectory": i, "epoch": rec.epoch, "step": rec.step, "total_steps": total,
                           "node_id": node_id, "diverged": rec.diverged, TRIAL_KEY_RESULT: spec.key}
                 if spec.objective is not None:
@@ -116,10 +116,6 @@ def _better(spec: TrialSpec, best: tuple[float, float] | None, record: dict) -> 
     if objective.better(value, None if best is None else best[0]):
         return (float(value), float(record["epoch"]))
     return best
-
-
-def _cell_title(cfg: TrainConfig) -> str:
-    return f"srm={cfg.srm} lr={cfg.lr:g} seed={cfg.seed} epochs={fmt_epochs(cfg.epochs)}"
 
 
 def _same_epoch(a: float, b: float) -> bool:
