@@ -151,8 +151,9 @@ def test_known_answer_the_maps_follow_the_cue_off_or_on_the_object(tiny_root):
     the object the FAKE probes' background share went from 0.72–0.91 at step 1 to 0.84–0.99 at the end
     (area baseline 0.84–0.85), above the cue-on-the-object runs' 0.70–0.86 in all 8 seed pairs."""
     sets = load_splits(tiny_root / "synthetic-tiny" / "cache")
-    base = ImageSet(*(np.concatenate([sets[k].subset(sets[k].labels == 1).__getattribute__(a) for k in ("cifake_train", "cifake_test")])
-                      for a in ("images", "labels")), masks=np.concatenate([sets[k].masks[sets[k].labels == 1] for k in ("cifake_train", "cifake_test")]))
+    reals = [sets[k].subset(sets[k].labels == 1) for k in ("cifake_train", "cifake_test")]
+    base = ImageSet(np.concatenate([r.images for r in reals]), np.concatenate([r.labels for r in reals]),
+                    masks=np.concatenate([r.masks for r in reals]))
     ends = {}
     for where in ("background", "object"):
         train_set, test = _cue(base, where)
