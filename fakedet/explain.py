@@ -109,9 +109,7 @@ def explain(model: nn.Module, images: ImageSet, device: torch.device | str = "cp
 
     def keep(name: str, of_input: bool) -> Callable:
         def hook(module, inputs, output):
-            a = inputs[0] if of_input else output
-            if not a.requires_grad:  # the input image's grad is off: track from this activation on
-                a.requires_grad_(True)
+            a = inputs[0] if of_input else output  # downstream of the input image, which requires grad
             a.retain_grad()
             seen[name] = a
             if of_input:
