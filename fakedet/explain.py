@@ -245,25 +245,25 @@ def mosaic(images: ImageSet, e: Explanation, columns: int = 16) -> np.ndarray:
     cols = max(1, min(columns, n))
     blocks = -(-n // cols)
     tile, pad = 32, 2
-    rows = blocks * (1 + len(layers))
-    out = np.ones((rows * (tile + pad), cols * (tile + pad), 3), np.float32)
-    jet = colormaps["jet"]
-    for i in range(n):
-        b, c = divmod(i, cols)
-        img = np.asarray(images.images[i], np.float32) / 255.0
-        tiles = [img]
-        for layer in layers:
-            cam = e.cams[layer][i]
-            over = 0.5 * img + 0.5 * jet(cam / cam.max() if cam.max() > 0 else cam)[..., :3]
-            if images.masks is not None:
-                inside = np.asarray(images.masks[i]) > 127
-                edge = inside & ~(np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1))
-                over[edge] = 1.0
-            tiles.append(over)
-        for j, t in enumerate(tiles):
-            y0, x0 = (b * (1 + len(layers)) + j) * (tile + pad), c * (tile + pad)
-            out[y0 : y0 + tile, x0 : x0 + tile] = t
-    return out
+    img = np.asarray(images.images, np.float32) / 255.0  # (n, 32, 32, 3)
+    tiles = [img]
+    if images.masks is not None:
+        inside = np.asarray(images.masks) > 127
+        edge = inside & ~(np.roll(inside, 1, 1) & np.roll(inside, -1, 1) & np.roll(inside, 1, 2) & np.roll(inside, -1, 2))
+    for layer in layers:
+        cam = e.cams[layer]
+        top = cam.reshape(n, -1).max(1)
+        scaled = np.divide(cam, top[:, None, None], out=np.zeros_like(cam), where=top[:, None, None] > 0)
+        over = 0.5 * img + 0.5 * colormaps["jet"](scaled)[..., :3].astype(np.float32)
+        if images.masks is not None:
+            over[edge] = 1.0
+        tiles.append(over)
+    stack = np.stack(tiles, 1)  # (n, 1 + layers, 32, 32, 3)
+    padded = np.ones((blocks * cols, 1 + len(layers), tile + pad, tile + pad, 3), np.float32)
+    padded[:n, :, :tile, :tile] = stack
+    # (block, col, row, y, x, c) -> rows of tiles: block-major, then the image row and its maps below it
+    grid = padded.reshape(blocks, cols, 1 + len(layers), tile + pad, tile + pad, 3).transpose(0, 2, 3, 1, 4, 5)
+    return grid.reshape(blocks * (1 + len(layers)) * (tile + pad), cols * (tile + pad), 3)
 
 
 def map_grid(images: ImageSet, e: Explanation, title: str, columns: int = 16):
