@@ -27,7 +27,7 @@ from fakedet.sweep.execute import FatalStop, fatal_refusal, restore_tuner
 from fakedet.sweep.lock import sweep_lock
 from fakedet.sweep.preflight import check_free_space, check_tracking, check_writable, storage_estimate
 from fakedet.sweep.record import SWEEP_FILE, read_sweep_file, tune_state_saved
-from fakedet.sweep.refusals import Exit, FatalTrialError, Refused, disk_full
+from fakedet.sweep.refusals import Exit, FatalTrialError, Refused, Stopping, disk_full
 from fakedet.sweep.store import SweepTracking
 from fakedet.sweep.trainable import STATE_FILE, load_state
 from fakedet.sweep.trust import check_state
@@ -183,18 +183,18 @@ def test_a_fatal_trial_error_stops_the_sweep_and_costs_no_retry(tmp_path):
     raised = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: raised.append(signum))
     try:
-        FatalStop.seen = None
+        Stopping.refusal = None
         error.write_text("Failure # 1 (occurred at x)\nValueError: a bug\n")
         FatalStop().on_trial_recover(0, [], trial)
-        assert raised == [] and trial.run_metadata.num_failures == 1 and FatalStop.seen is None
+        assert raised == [] and trial.run_metadata.num_failures == 1 and Stopping.refusal is None
         error.write_text(error.read_text() + "Failure # 2 (occurred at y)\nOSError: [Errno 28] No space left on device: '/r/s1/x'\n")
         trial.run_metadata.num_failures = 2
         FatalStop().on_trial_recover(0, [], trial)
         assert raised == [signal.SIGUSR1] and trial.run_metadata.num_failures == 1
-        assert FatalStop.seen.code == Exit.DISK_FULL and "/r/s1/x" in str(FatalStop.seen)
+        assert Stopping.refusal.code == Exit.DISK_FULL and "/r/s1/x" in str(Stopping.refusal)
     finally:
         signal.signal(signal.SIGUSR1, previous)
-        FatalStop.seen = None
+        Stopping.refusal = None
 
 
 # -- resumable from any moment -----------------------------------------------------------------------

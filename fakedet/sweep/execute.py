@@ -3,9 +3,11 @@ logged to MLflow by the driver, until every cell has ended or the sweep is inter
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +26,7 @@ from fakedet.sweep.hpo import Objectives, StudySearch, scheduler_for
 from fakedet.sweep.plan import SweepPlan, trial_resources
 from fakedet.sweep.progress import Progress
 from fakedet.sweep.record import tune_state_saved, write_sweep_file
-from fakedet.sweep.refusals import Exit, Refused, disk_full, fatal_in
+from fakedet.sweep.refusals import UNKNOWN_DEVICE, Exit, Refused, Stopping, disk_full, fatal_in
 from fakedet.sweep.request import RequestError, SweepRequest
 from fakedet.sweep.spec import FaultInjection
 from fakedet.sweep.study import Budget
@@ -77,10 +79,17 @@ class RayNoise(logging.Filter):
       one `[interrupt]` line; the `Tuner.restore(...)` hint, the list of unfinished trials and the
       warnings about trials without results (FileNotFoundError: trials that never started) are dropped:
       the sweep then says how many cells ended and its `--resume` command. Outside an interrupt every
-      warning and error of Tune passes."""
+      warning and error of Tune passes; "Failed to restore the run state" with its traceback, once
+      fakedet has said which file is damaged and what Tune does instead (`damaged_run_state`);
+    - `ray/tune/execution/tune_controller.py`, `experiment_state.py`: the traceback of a trial's fatal
+      fault and of the experiment state that a full disk could not save, said by `FatalStop` in one line."""
 
     LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.tune.tune",
-               "ray.tune.analysis.experiment_analysis")  # fmt: skip
+               "ray.tune.analysis.experiment_analysis", "ray.tune.execution.tune_controller",
+               "ray.tune.execution.experiment_state")  # fmt: skip
+
+    restart_said = False
+    """fakedet has said why Tune cannot restore its run state (`damaged_run_state`): Tune's traceback is dropped"""
 
     def __init__(self, say_line: Callable[[str], None] = say) -> None:
         super().__init__()
@@ -89,11 +98,17 @@ class RayNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        if msg.startswith(("Trial task failed", "Saving experiment state")) and record.exc_info:
+            # a fatal fault's traceback (a full disk, a checkpoint that does not load): FatalStop says it in one line
+            text = "".join(traceback.format_exception(*record.exc_info))
+            return fatal_refusal(text) is None
         if msg.startswith("Token authentication is enabled for this Ray cluster"):
+            return False
+        if msg.startswith(("Failed to restore the run state", "Restarting experiment")) and RayNoise.restart_said:
             return False
         if msg.startswith("Stop signal received"):
             self.interrupted = True
-            fatal = FatalStop.seen
+            fatal = Stopping.refusal
             self.say_line(f"[stop] {fatal}: the running trials save their state once more" if fatal else
                           "[interrupt] stopping: the running trials save their state once more (Ctrl-C again: stop at once)")
             return False
@@ -119,9 +134,6 @@ class FatalStop(Callback):
     (SIGUSR1, which Tune handles as Ctrl-C): every trial keeps its state and its status, so `--resume`
     continues them; the failure is not counted against the trial's retries."""
 
-    seen: Refused | None = None
-    """the refusal that stopped this process's sweep (one driver per process)"""
-
     def __getstate__(self) -> dict:  # pickled with the Tuner's state: nothing to keep
         return {}
 
@@ -133,11 +145,11 @@ class FatalStop(Callback):
         self._check(trial)
 
     def _check(self, trial) -> bool:
-        refusal = fatal_refusal(last_failure(trial.error_file))
+        refusal = fatal_refusal(last_failure(trial.error_file), getattr(trial, "path", None))
         if refusal is None:
             return False
-        if FatalStop.seen is None:
-            FatalStop.seen = refusal
+        if Stopping.refusal is None:
+            Stopping.refusal = refusal
             if callable(signal.getsignal(signal.SIGUSR1)):  # Tune's handler (it installs one in the main thread)
                 signal.raise_signal(signal.SIGUSR1)
             else:
@@ -156,16 +168,19 @@ def last_failure(error_file: str | None) -> str:
     return text[text.rfind("Failure # "):]
 
 
-def fatal_refusal(text: str) -> Refused | None:
-    """The refusal a trial's error text says: its fatal mark, or no space left on a device."""
+def fatal_refusal(text: str, trial_path: str | None = None) -> Refused | None:
+    """The refusal a trial's error text says: its fatal mark, or no space left on a device (the file the OS
+    named; else the trial's folder in Ray's storage, where it was saving its checkpoint)."""
     marked = fatal_in(text)
     if marked is not None:
         return marked
     where = disk_full(RuntimeError(text))
-    if where is not None:
-        return Refused(f"no space left on {where} while a trial wrote its state; free space there, then --resume "
-                       f"(every trial continues from its last evaluation point)", Exit.DISK_FULL)
-    return None
+    if where is None:
+        return None
+    if where == UNKNOWN_DEVICE and trial_path:
+        where = f"the device of {trial_path} (or the temp folder)"
+    return Refused(f"no space left on {where} while a trial saved its checkpoint; free space there, then --resume "
+                   f"(every trial continues from its last evaluation point)", Exit.DISK_FULL)
 
 
 def quiet_ray() -> None:
@@ -180,6 +195,17 @@ def quiet_ray() -> None:
 
 def init_ray(request: SweepRequest) -> None:
     quiet_ray()
+    # ray.init installs its C++ failure handler for SIGTERM in the driver (it logs "*** SIGTERM received ***"
+    # and aborts: exit -6, no resume line); the command line's own handler (Ctrl-C's path) is put back after it
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init_ray(request)
+    finally:
+        if callable(on_sigterm):
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _init_ray(request: SweepRequest) -> None:
     if request.address:
         ray.init(address=request.address, log_to_driver=request.verbose, logging_level=logging.WARNING)
     else:
@@ -319,7 +345,8 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     if plan.trials and not meta:
         planned = logger.plan_runs(list(plan.trials))
         say(f"MLflow compare: {compare_link(tracking.uri, tracking.experiment_id, planned)}")
-    callbacks = [logger, Progress(plan.total_trials, plan.template), FatalStop()]
+    # FatalStop first: it decides, before the others are told, that a failed trial is not retried
+    callbacks = [FatalStop(), logger, Progress(plan.total_trials, plan.template)]
     path = f"{storage}/{plan.name}"
     restore = meta is not None and tune_state_saved(storage, plan.name)
     if meta:
@@ -329,6 +356,12 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
         else:
             say(f"resuming {path}")
     if restore:
+        damaged = damaged_run_state(Path(path)) if "://" not in storage else []
+        RayNoise.restart_said = bool(damaged)
+        if damaged:
+            say(f"Tune's run state {', '.join(p.name for p in damaged)} in {path} is truncated (the disk filled, or the "
+                f"driver was killed, while Tune wrote it): Tune restarts the sweep's unfinished trials from their "
+                f"beginning; what MLflow holds stays, each point logged once")
         tuner = restore_tuner(path, trainable, plan.param_space)
     else:
         if meta:  # stopped while planning, before Tune saved anything: nothing ran, the recorded plan starts afresh
@@ -337,7 +370,7 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
         tuner = tune.Tuner(trainable, param_space=plan.param_space, tune_config=tune_config(plan, request),
                            run_config=run_config(plan, storage, callbacks))
     tracking_error, tracking_status = None, None
-    FatalStop.seen = None
+    Stopping.refusal = None
     try:
         results = tuner.fit()
         failed = sum(r.error is not None for r in results)
@@ -346,6 +379,9 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
         raise
     except Exception as e:  # noqa: BLE001 - a tracking outage surfaces from inside Tune's callback
         cause = _tracking_cause(e)
+        if Stopping.refusal is not None:  # what the stop left behind (a truncated error.pkl on a full disk) fails next
+            close_parent(tracking, "KILLED")
+            raise Stopping.refusal from None
         if cause is not None:
             tracking_error, tracking_status, failed = str(cause), cause.status, 0
         else:
@@ -359,9 +395,9 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
                           f"--resume", Exit.DISK_FULL) from None
     finally:
         remember_state(tracking, Path(path), storage)
-    if FatalStop.seen is not None:
+    if Stopping.refusal is not None:
         close_parent(tracking, "KILLED")
-        raise FatalStop.seen
+        raise Stopping.refusal
     writer = writer_for(tracking.uri, outage_s)
     if tracking_error is None and not writer.flush(timeout=outage_s):
         try:
@@ -371,6 +407,18 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
             tracking_error, tracking_status = str(e), e.status
     ended = 0 if tracking_error else ended_cells(tracking)
     return SweepOutcome(plan, tracking, record, cache, data_hash, ended, failed, tracking_error, tracking_status)
+
+
+def damaged_run_state(experiment_dir: Path) -> list[Path]:
+    """Tune's run-state files (`experiment_state-*.json`, written in place, not atomically) that do not parse:
+    read as JSON only, nothing unpickled."""
+    damaged = []
+    for p in sorted(experiment_dir.glob("experiment_state-*.json")):
+        try:
+            json.loads(p.read_text())
+        except (OSError, ValueError):
+            damaged.append(p)
+    return damaged
 
 
 def restore_tuner(path: str, trainable, param_space: dict) -> tune.Tuner:

@@ -53,6 +53,14 @@ class FatalTrialError(Exception):
         return f"fakedet-fatal[{self.code}] {self.message}"
 
 
+class Stopping:
+    """The refusal that is stopping this process's sweep (one driver per process), set by
+    `execute.FatalStop` the moment it sees a fatal trial error; the other callbacks read it (a trial that
+    is not retried is not announced as a retry)."""
+
+    refusal: Refused | None = None
+
+
 def fatal_in(text: str) -> Refused | None:
     """The refusal a trial's error text carries (the last one in it), None for an ordinary crash."""
     found = FATAL_MARK.findall(text or "")

@@ -109,5 +109,8 @@ def record_state(experiment_dir: Path) -> tuple[str, dict[str, str]] | None:
     if not (experiment_dir / "tuner.pkl").is_file():
         return None
     manifest = state_manifest(experiment_dir)
-    (experiment_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    try:
+        (experiment_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    except OSError:  # a full disk: the manifest only names what changed, the digest (in MLflow) decides
+        (experiment_dir / MANIFEST_FILE).unlink(missing_ok=True)
     return manifest_digest(manifest), manifest
