@@ -193,9 +193,7 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
         return e.code
     tracking = outcome.tracking
     if outcome.tracking_error:
-        code = tracking_exit(outcome.tracking_status)
-        if disk_full(RuntimeError(outcome.tracking_error)):  # SQLite's "database or disk is full", waited for as an outage
-            code = Exit.DISK_FULL
+        code = tracking_exit(outcome.tracking_status, outcome.tracking_error)
         if code != Exit.TRACKING_OUTAGE:  # refused, not away: waiting would not help
             print(f"error: sweep stopped: {outcome.tracking_error}. The trials' checkpoints are kept under "
                   f"{storage}/{plan.name}; once the permission is back, resume with: {resume_cmd}", file=sys.stderr)
@@ -228,8 +226,11 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
     return Exit.FAILED_TRIALS if outcome.failed_trials or status else Exit.OK
 
 
-def tracking_exit(status: int | None) -> Exit:
-    """The exit status of a sweep stopped by its tracking store: refused credentials or permission, else an outage."""
+def tracking_exit(status: int | None, error: str = "") -> Exit:
+    """The exit status of a sweep stopped by its tracking store: refused credentials or permission, a full
+    disk (SQLite's "database or disk is full", waited for as an outage first), else an outage."""
+    if disk_full(RuntimeError(error)):
+        return Exit.DISK_FULL
     return {401: Exit.BAD_CREDENTIALS, 403: Exit.NOT_PERMITTED}.get(status, Exit.TRACKING_OUTAGE)
 
 

@@ -73,8 +73,20 @@ def test_a_full_disk_is_one_line_with_its_own_status(full_disk):
         assert refused.value.code == Exit.DISK_FULL and str(full_disk) in str(refused.value) and "\n" not in str(refused.value)
     with pytest.raises(Refused) as refused:  # SQLite on a full device: "database or disk is full", not a traceback
         check_tracking(f"sqlite:///{full_disk / 'storage' / 'mlflow.db'}", "exp")
-    assert refused.value.code in (Exit.DISK_FULL, Exit.NOT_PERMITTED), refused.value
-    assert "\n" not in str(refused.value)
+    assert refused.value.code == Exit.DISK_FULL and "\n" not in str(refused.value), refused.value
+
+
+def test_a_tracking_store_that_filled_mid_sweep_ends_it_as_a_full_disk():
+    """SQLite's "database or disk is full" mid-sweep: the writer waits for it as an outage, then the sweep
+    ends with the store's one line and exit 72, not 75."""
+    import sqlalchemy.exc
+
+    from fakedet.sweep.writer import unavailable
+
+    full = sqlalchemy.exc.OperationalError("INSERT INTO metrics", {}, Exception("database or disk is full"))
+    error = unavailable("sqlite:////data/mlflow.db", full, 600)
+    assert sweep_cli.tracking_exit(error.status, str(error)) == Exit.DISK_FULL and "\n" not in str(error)
+    assert sweep_cli.tracking_exit(None, "the MLflow tracking store x was unreachable for over 600 s") == Exit.TRACKING_OUTAGE
 
 
 def test_the_command_line_says_a_full_cache_in_one_line(full_disk, capsys, monkeypatch):
