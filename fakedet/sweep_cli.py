@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long an unreachable MLflow server is waited for (writes queued, retried) before the sweep stops resumably (default 600)")
         p.add_argument("--verbose", action="store_true", help="show the trials' own output")
         p.add_argument("--crash-once-after-step", type=int, help=argparse.SUPPRESS)  # fault injection for tests
+        p.add_argument("--kill-after-planning", action="store_true", help=argparse.SUPPRESS)  # fault injection for tests
 
     p = sub.add_parser("ablation", help="SRM placement × epochs × learning rate × seeds")
     common(p)
@@ -370,12 +372,14 @@ class Termination:
         self.received = False
 
     def __enter__(self) -> "Termination":
-        self.received = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
     def _handle(self, signum, frame) -> None:
         self.received = True

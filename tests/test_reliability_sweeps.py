@@ -70,12 +70,18 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_disk_that_fills_mid_sweep_stops_it_in_one_line_and_resume_finishes(workspace, run, small_disk):
-    """The storage on a 40 MB tmpfs, filled to the last byte once the trial's first checkpoint is there: the
-    next checkpoint meets ENOSPC. The sweep stops at once (no retry burnt on it) with one line and exit 72;
+def test_killed_while_planning_then_a_full_disk_then_resume_finishes_every_cell_once(workspace, run, small_disk):
+    """A driver killed while it planned, resumed: Tune starts afresh from the recorded plan. Its storage is on
+    a 40 MB tmpfs, filled to the last byte once the trial's first checkpoint is there: the next checkpoint
+    meets ENOSPC. The sweep stops at once (no retry burnt on it) with one line and exit 72;
     with the space freed, `--resume` finishes every cell, each evaluation point logged once."""
     storage = small_disk / "ray_results"
-    proc = subprocess.Popen(one_trial(workspace, "full1", storage), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # first the driver is killed while it plans: its sweep file and cell runs exist, Tune's state does not
+    killed = run([*one_trial(workspace, "full1", storage), "--kill-after-planning"])
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert (storage / "full1" / "fakedet_sweep.json").is_file() and not (storage / "full1" / "tuner.pkl").exists()
+    # its resume starts Tune afresh from the recorded plan, and meets the full disk
+    proc = subprocess.Popen(resume_args(workspace, "full1", storage), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     filler, deadline = None, time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         if filler is None and list(storage.glob("full1/trial_*/checkpoint_000000/state.pt")):
@@ -83,6 +89,7 @@ def test_a_disk_that_fills_mid_sweep_stops_it_in_one_line_and_resume_finishes(wo
         time.sleep(0.2)
     out, err = proc.communicate(timeout=300)
     assert filler is not None, "the sweep ended before its first checkpoint was seen: " + out[-2000:]
+    assert "holds no Tune state yet" in out, out[-3000:]
     assert proc.returncode == Exit.DISK_FULL, out[-3000:] + err[-3000:]
     assert len(error_lines(err)) == 1 and "no space left" in error_lines(err)[0] and str(storage) in error_lines(err)[0], err[-3000:]
     assert "Traceback" not in err and "[retry]" not in out, err[-3000:]

@@ -346,6 +346,8 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
         planned = logger.plan_runs(list(plan.trials))
         say(f"MLflow compare: {compare_link(tracking.uri, tracking.experiment_id, planned)}")
     # FatalStop first: it decides, before the others are told, that a failed trial is not retried
+    if request.kill_after_planning:  # a driver killed while it planned: the sweep file and cells exist, Tune's state not
+        os.kill(os.getpid(), signal.SIGKILL)
     callbacks = [FatalStop(), logger, Progress(plan.total_trials, plan.template)]
     path = f"{storage}/{plan.name}"
     restore = meta is not None and tune_state_saved(storage, plan.name)
