@@ -365,3 +365,30 @@ def test_train_epochs_are_bounded_like_a_studys(capsys):
     assert main(["train", "--epochs", "1e9", "--data", "/nonexistent"]) == 2
     err = capsys.readouterr().err
     assert "--epochs 1e+09: more than 1000" in err and "nonexistent" not in err  # refused before the data are looked for
+
+
+def test_tunes_traceback_of_a_fatal_fault_is_dropped_and_a_crash_kept():
+    import logging
+
+    from fakedet.sweep.execute import RayNoise
+
+    noise = RayNoise(lambda line: None)
+
+    def record(error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            return logging.LogRecord("ray.tune.execution.tune_controller", logging.ERROR, "x", 1,
+                                     "Trial task failed for trial run_trial_1", None, sys.exc_info())
+
+    assert not noise.filter(record(OSError(28, "No space left on device", "/r/s1/trial_a/checkpoint_000001/state.pt")))
+    assert not noise.filter(record(FatalTrialError("the checkpoint /r/state.pt does not load", Exit.CORRUPT_STATE)))
+    assert noise.filter(record(ValueError("a bug in the trial")))  # a crash's traceback stays: it is retried
+
+
+def test_a_truncated_run_state_is_found_without_unpickling_it(tmp_path):
+    from fakedet.sweep.execute import damaged_run_state
+
+    (tmp_path / "experiment_state-2026-12-03_10-00-00.json").write_text('{"trial_data": [')
+    (tmp_path / "experiment_state-2026-12-03_11-00-00.json").write_text('{"trial_data": []}')
+    assert [p.name for p in damaged_run_state(tmp_path)] == ["experiment_state-2026-12-03_10-00-00.json"]
