@@ -390,5 +390,6 @@ def test_a_truncated_run_state_is_found_without_unpickling_it(tmp_path):
     from fakedet.sweep.execute import damaged_run_state
 
     (tmp_path / "experiment_state-2026-12-03_10-00-00.json").write_text('{"trial_data": [')
-    (tmp_path / "experiment_state-2026-12-03_11-00-00.json").write_text('{"trial_data": []}')
     assert [p.name for p in damaged_run_state(tmp_path)] == ["experiment_state-2026-12-03_10-00-00.json"]
+    (tmp_path / "experiment_state-2026-12-03_11-00-00.json").write_text('{"trial_data": []}')
+    assert damaged_run_state(tmp_path) == []  # Tune restores the latest, which is whole

@@ -345,9 +345,9 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     if plan.trials and not meta:
         planned = logger.plan_runs(list(plan.trials))
         say(f"MLflow compare: {compare_link(tracking.uri, tracking.experiment_id, planned)}")
-    # FatalStop first: it decides, before the others are told, that a failed trial is not retried
     if request.kill_after_planning:  # a driver killed while it planned: the sweep file and cells exist, Tune's state not
         os.kill(os.getpid(), signal.SIGKILL)
+    # FatalStop first: it decides, before the others are told, that a failed trial is not retried
     callbacks = [FatalStop(), logger, Progress(plan.total_trials, plan.template)]
     path = f"{storage}/{plan.name}"
     restore = meta is not None and tune_state_saved(storage, plan.name)
@@ -412,10 +412,10 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
 
 
 def damaged_run_state(experiment_dir: Path) -> list[Path]:
-    """Tune's run-state files (`experiment_state-*.json`, written in place, not atomically) that do not parse:
-    read as JSON only, nothing unpickled."""
+    """Tune's latest run-state file (`experiment_state-<date>.json`, the one Tune restores; written in place,
+    not atomically) when it does not parse: read as JSON only, nothing unpickled."""
     damaged = []
-    for p in sorted(experiment_dir.glob("experiment_state-*.json")):
+    for p in sorted(experiment_dir.glob("experiment_state-*.json"))[-1:]:
         try:
             json.loads(p.read_text())
         except (OSError, ValueError):
