@@ -154,6 +154,9 @@ def run_notebook(request: ReportRequest) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fakedet.console import robust_output
+
+    robust_output()  # before the parser: --help prints 32×32 and →
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

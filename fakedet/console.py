@@ -4,9 +4,12 @@ and the tables they print, laid out for a person to read in `WIDTH` columns."""
 
 from __future__ import annotations
 
+import codecs
 import math
 import numbers
+import os
 import re
+import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
@@ -20,8 +23,70 @@ WIDTH = 120
 NOTE_SHARE = 3
 
 
+# What the printed analysis uses beyond ASCII, and what a terminal or log that cannot show it reads instead
+# (PYTHONIOENCODING=ascii, a latin-1 locale, a C locale's ASCII stdout); anything else becomes "?".
+ASCII_FALLBACKS = {
+    "ρ": "rho", "τ": "tau", "±": "+/-", "×": "x", "→": "->", "←": "<-", "≤": "<=", "≥": ">=", "≈": "~", "≠": "!=",
+    "…": "...", "–": "-", "—": "--", "−": "-", "·": ".", "°": " deg", "µ": "u", "μ": "u", "α": "alpha", "β": "beta",
+    "Δ": "delta", "δ": "delta", "σ": "sigma", "χ": "chi", "²": "^2", "√": "sqrt", "‰": " per mille", "•": "*",
+    "‘": "'", "’": "'", "“": '"', "”": '"', "✓": "ok", "✗": "x",
+}
+ERRORS = "fakedet-ascii"
+
+
+def _fallback(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start:error.end]
+    return "".join(ASCII_FALLBACKS.get(ch, "?") for ch in text), error.end
+
+
+codecs.register_error(ERRORS, _fallback)
+
+
+def robust_output() -> None:
+    """The command lines' stdout and stderr never crash on what they print: a character the stream's
+    encoding lacks is written as its ASCII fallback (`ASCII_FALLBACKS`; latin-1 keeps its own ±, ×, µ), and a
+    closed pipe (`... | head -3`) drops what is written after it closed (`say`) instead of ending the run."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=ERRORS)
+
+
+_STDOUT_GONE = False
+
+
+def stdout_gone() -> bool:
+    """Whether stdout's reader has gone (`say` then drops what it is given): a last word that matters (a
+    resume command) is then said on stderr too."""
+    return _STDOUT_GONE
+
+
+def _drop_stdout() -> None:
+    """The reader of stdout has gone: what is written from now on goes to /dev/null (Python's own advice
+    for SIGPIPE, https://docs.python.org/3/library/signal.html#note-on-sigpipe), the run goes on."""
+    global _STDOUT_GONE
+    _STDOUT_GONE = True
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file descriptor (a test's capture): nothing to redirect
+        pass
+
+
 def say(msg: str) -> None:
-    print(msg, flush=True)
+    try:
+        print(msg, flush=True)
+    except BrokenPipeError:
+        _drop_stdout()
+
+
+def say_last(msg: str) -> None:
+    """`say`, and on stderr as well once stdout's reader has gone: what to do next must reach someone."""
+    say(msg)
+    if _STDOUT_GONE:
+        print(msg.strip(), file=sys.stderr, flush=True)
 
 
 def tagged(tag: str) -> Callable[[str], None]:

@@ -7,13 +7,15 @@ The top of the stack: it plans a sweep (`fakedet.sweep.plan`), runs it on Ray Tu
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fakedet.config import default_cache_root
-from fakedet.console import say
-from fakedet.sweep.refusals import Exit, Refused
+from fakedet.console import robust_output, say, say_last
+from fakedet.sweep.refusals import Exit, Refused, disk_full
 from fakedet.sweep.request import SweepRequest
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long an unreachable MLflow server is waited for (writes queued, retried) before the sweep stops resumably (default 600)")
         p.add_argument("--verbose", action="store_true", help="show the trials' own output")
         p.add_argument("--crash-once-after-step", type=int, help=argparse.SUPPRESS)  # fault injection for tests
+        p.add_argument("--kill-after-planning", action="store_true", help=argparse.SUPPRESS)  # fault injection for tests
 
     p = sub.add_parser("ablation", help="SRM placement × epochs × learning rate × seeds")
     common(p)
@@ -132,7 +135,7 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
     from mlflow.tracking import MlflowClient
 
     from fakedet.sweep.preflight import answering_quickly, preflight
-    from fakedet.sweep.record import read_sweep_file, recorded_choices, sweep_exists
+    from fakedet.sweep.record import check_resumable, read_sweep_file, recorded_choices, sweep_exists
     from fakedet.sweep.request import EXPERIMENT_NAME, check_name
     from fakedet.sweep.study import StudyError
     from fakedet.sweep.store import default_tracking_uri, mlflow_ui_command
@@ -140,7 +143,7 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
     kind = request.kind
     meta, bundle = None, None
     if request.resume:
-        meta = read_sweep_file(storage, name, kind)  # again, now that the lock is held
+        meta = check_resumable(read_sweep_file(storage, name, kind), storage)  # again, now that the lock is held
         choices = recorded_choices(meta)
         request = request.resumed(meta["name"], choices)
         study = resumed_study(request, meta)
@@ -166,6 +169,12 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
     from fakedet.sweep.plan import build_plan
 
     plan = build_plan(request, study, name, ray_resources(request), bundle=bundle)
+    if not meta:  # a resumed sweep's checkpoints are partly there already: its disk was checked when it started
+        from fakedet.sweep.preflight import check_free_space, storage_estimate
+
+        points = [len({*t.config.eval_at, float(t.config.epochs)}) for spec in (plan.trials or (plan.template,))
+                  for t in spec.trajectories] * (1 if plan.trials else plan.total_trials)
+        check_free_space(storage, storage_estimate(points), f"its {len(points)} trajectories' checkpoints")
     say(f"MLflow tracking: {uri} (experiment {experiment!r}); view it with: {mlflow_ui_command(uri)}")
     if plan.kind == "hpo":
         stops = "ASHA may stop a trial early" if not plan.study.metrics.multi_objective else "each runs its full length"
@@ -179,11 +188,14 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
     try:
         outcome = run_sweep(plan, request, storage, uri, experiment, meta)
     except KeyboardInterrupt:
-        say(f"\ninterrupted. Resume with:\n  {resume_cmd}")
+        say_last(f"\n{TERMINATION.word()}. Resume with:\n  {resume_cmd}")
         return Exit.INTERRUPTED
+    except Refused as e:  # stopped mid-sweep (a full disk, a checkpoint that does not load): resumable once fixed
+        print(f"error: sweep stopped: {e}. Resume with: {resume_cmd}", file=sys.stderr)
+        return e.code
     tracking = outcome.tracking
     if outcome.tracking_error:
-        code = tracking_exit(outcome.tracking_status)
+        code = tracking_exit(outcome.tracking_status, outcome.tracking_error)
         if code != Exit.TRACKING_OUTAGE:  # refused, not away: waiting would not help
             print(f"error: sweep stopped: {outcome.tracking_error}. The trials' checkpoints are kept under "
                   f"{storage}/{plan.name}; once the permission is back, resume with: {resume_cmd}", file=sys.stderr)
@@ -196,7 +208,10 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
             pass
         return code
     if not outcome.complete:
-        say(f"\nsweep interrupted ({outcome.ended_cells}/{plan.cell_count} cells ended). Resume with:\n  {resume_cmd}")
+        from fakedet.sweep.execute import close_parent
+
+        close_parent(tracking, "KILLED")  # ended from outside; --resume reopens it
+        say_last(f"\nsweep {TERMINATION.word()} ({outcome.ended_cells}/{plan.cell_count} cells ended). Resume with:\n  {resume_cmd}")
         return Exit.INTERRUPTED
     from fakedet.report import analyse_sweep
 
@@ -213,8 +228,11 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
     return Exit.FAILED_TRIALS if outcome.failed_trials or status else Exit.OK
 
 
-def tracking_exit(status: int | None) -> Exit:
-    """The exit status of a sweep stopped by its tracking store: refused credentials or permission, else an outage."""
+def tracking_exit(status: int | None, error: str = "") -> Exit:
+    """The exit status of a sweep stopped by its tracking store: refused credentials or permission, a full
+    disk (SQLite's "database or disk is full", waited for as an outage first), else an outage."""
+    if disk_full(RuntimeError(error)):
+        return Exit.DISK_FULL
     return {401: Exit.BAD_CREDENTIALS, 403: Exit.NOT_PERMITTED}.get(status, Exit.TRACKING_OUTAGE)
 
 
@@ -336,6 +354,7 @@ def run_cutoff(args: argparse.Namespace) -> int:
     if changes:
         say("it differs from the study the sweep recorded:\n  " + "\n  ".join(changes))
     tracking = SweepTracking(uri, results.parent.info.experiment_id, results.parent_run_id, results.name)
+    close_if_orphaned(tracking, results.parent.info.status, storage_root(args.storage_path))
     epochs = sorted(results.cells["cell_epochs"].unique()) if len(results.cells) else []
     command = "sweeps/run.py cutoff --sweep " + args.sweep + (f" --study {args.study}" if args.study else "")
     status = analyse_sweep(tracking, study, epochs, run_record(), AnalysisOrigin(command, where, tuple(changes)))
@@ -343,22 +362,118 @@ def run_cutoff(args: argparse.Namespace) -> int:
     return status
 
 
+class Termination:
+    """SIGTERM (a Kubernetes pod or a batch job being stopped, `kill PID`) handled as Ctrl-C: whatever
+    handles SIGINT at that moment (Tune's own stop while trials run: every trial saves its state once more;
+    Python's KeyboardInterrupt before and after) handles it, and the exit status says which signal came
+    (`Exit.TERMINATED`, 143). A second SIGTERM, like a second Ctrl-C, stops at once."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __enter__(self) -> "Termination":
+        self.received, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    def word(self) -> str:
+        return "terminated (SIGTERM)" if self.received else "interrupted"
+
+    def status(self, code: int) -> int:
+        return int(Exit.TERMINATED) if self.received and code == Exit.INTERRUPTED else int(code)
+
+
+TERMINATION = Termination()
+
+
+def close_if_orphaned(tracking, status: str, storage: str) -> None:
+    """A parent run still RUNNING whose driver is gone (killed: kill -9, a lost node) is closed as KILLED, as
+    its driver would have closed it; `--resume` reopens it. The sweep's lock tells: the kernel drops it with
+    the driver, so a lock that can be taken has no live driver. A lock held: the sweep is running, and what
+    it has logged so far is analysed, its parent left as it is."""
+    from fakedet.sweep.lock import sweep_lock
+
+    if status != "RUNNING" or not tracking.sweep_name:
+        return
+    if "://" in storage or not (Path(storage) / tracking.sweep_name).is_dir():
+        say(f"sweep {tracking.sweep_name}: its parent run is RUNNING and its folder is not under {storage} (pass "
+            f"--storage-path to tell whether its driver lives); analysing what it has logged so far")
+        return
+    try:
+        with sweep_lock(storage, tracking.sweep_name):
+            tracking.client().set_terminated(tracking.parent_run_id, "KILLED")
+        say(f"sweep {tracking.sweep_name}: its parent run was RUNNING with no live driver (lock {storage}/"
+            f"{tracking.sweep_name}.lock free): closed as KILLED; --resume {tracking.sweep_name} continues it")
+    except Refused as e:
+        if e.code == Exit.SWEEP_LOCKED:
+            say(f"sweep {tracking.sweep_name} is still running ({e}); analysing what it has logged so far")
+        else:
+            say(f"sweep {tracking.sweep_name}: its parent run is RUNNING; whether its driver lives is unknown ({e})")
+
+
 def main(argv: list[str] | None = None) -> int:
     # torch, Ray and MLflow load only after the arguments parse: --help and bad flags answer at once
     from fakedet.data import DataError
     from fakedet.sweep.study import StudyError
 
+    robust_output()
     args = build_parser().parse_args(argv)
-    try:
-        if args.kind == "cutoff":
-            return run_cutoff(args)
-        return int(run_study(SweepRequest.from_flags(vars(args))))
-    except Refused as e:
-        print(f"error: {e}", file=sys.stderr)
-        return int(e.code)
-    except (StudyError, DataError, ConnectionError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with TERMINATION:
+        try:
+            if args.kind == "cutoff":
+                return run_cutoff(args)
+            return TERMINATION.status(run_study(SweepRequest.from_flags(vars(args))))
+        except Refused as e:
+            print(f"error: {e}", file=sys.stderr)
+            return int(e.code)
+        except (StudyError, DataError, ConnectionError, FileNotFoundError, ValueError) as e:
+            where = disk_full(e)
+            print(f"error: {e}" if where is None else _disk_full_line(where, args), file=sys.stderr)
+            return 2 if where is None else int(Exit.DISK_FULL)
+        except KeyboardInterrupt:
+            print(TERMINATION.word(), file=sys.stderr)
+            return TERMINATION.status(Exit.INTERRUPTED)
+        except Exception as e:  # noqa: BLE001 - a full disk, wherever it is met, is one line; any other fault is a bug
+            where = disk_full(e)
+            if where is None:
+                raise
+            print(_disk_full_line(where, args), file=sys.stderr)
+            return int(Exit.DISK_FULL)
+
+
+# a device with less free space than this, among those the sweep writes, is the one that filled up
+NEARLY_FULL = 1 << 20
+
+
+def _disk_full_line(where: str, args: argparse.Namespace) -> str:
+    """One line for a full disk: the file the OS named, else the folder (cache, storage, tracking store)
+    whose device has under `NEARLY_FULL` free."""
+    import shutil
+
+    from fakedet.sweep.refusals import UNKNOWN_DEVICE
+    from fakedet.sweep.record import storage_root
+
+    if where == UNKNOWN_DEVICE:
+        tracking = getattr(args, "tracking_uri", None) or ""
+        candidates = [getattr(args, "cache_root", None) or default_cache_root(), storage_root(getattr(args, "storage_path", None)),
+                      tracking.removeprefix("sqlite:///") if tracking.startswith("sqlite:///") else str(Path.cwd())]
+        for folder in (Path(c) for c in candidates if c and "://" not in c):
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            if shutil.disk_usage(folder).free < NEARLY_FULL:
+                where = str(folder)
+                break
+    return f"error: no space left on the device of {where}; free space there and run the command again (a started sweep: with --resume)"

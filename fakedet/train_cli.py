@@ -62,7 +62,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in ("arch", "srm", "epochs", "lr", "momentum", "batch_size", "shuffle", "seed", "eval_at", "device", "deterministic"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    check_limits(values)
     return TrainConfig(**values)
+
+
+def check_limits(values: dict) -> None:
+    """The bounds a study's values meet (`fakedet.sweep.study.Limits`: its defaults, since a single run has
+    no study file to raise them in), for --epochs and --eval-at: `--epochs 1e9` would otherwise start
+    and run for years, saving nothing until its first evaluation point."""
+    from fakedet.sweep.study import Limits
+
+    limits, errors = Limits(), []
+    epochs = values.get("epochs")
+    if isinstance(epochs, (int, float)) and epochs > limits.epochs:
+        errors.append(f"--epochs {epochs:g}: more than {limits.epochs} (the study's longest run is 100)")
+    points = values.get("eval_at") or ()
+    if len(points) > limits.eval_points:
+        errors.append(f"--eval-at: {len(points)} points, more than {limits.eval_points}")
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 def run_train(args: argparse.Namespace) -> int:

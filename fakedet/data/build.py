@@ -101,6 +101,7 @@ def prepare(
                 f"sources and options; prepare it where it can be written (or pass --data {cache_dir} to use it as it is)"
             ) from None
         store = UnitStore(cache_dir)
+        _remove_stale_temps(cache_dir)
         old = _old_manifest(cache_dir)  # another process may have written it while we waited
         datasets, sets = _entries(store, roots, selected, old, options, workers, show_progress)
         if old and _same(old, sets, datasets, options):
@@ -121,6 +122,16 @@ def prepare(
         os.replace(tmp, cache_dir / "manifest.json")
         store.prune({u for d in datasets.values() for u in d.get("units", [])} | {v["unit"] for v in sets.values()})
     return manifest
+
+
+def _remove_stale_temps(cache_dir: Path) -> None:
+    """The temporary folders and manifests of a build that was killed (kill -9 skips its own cleanup), removed
+    before building: under the writers' lock no other build is running, so every one is stale."""
+    import shutil
+
+    for tmp in [*(cache_dir / "units").glob(".tmp-*"), *cache_dir.glob(".manifest-*.json")]:
+        log.info("%s: removing %s, left by a build that was stopped", cache_dir, tmp.name)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def _old_manifest(cache_dir: Path) -> dict | None:

@@ -144,18 +144,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode == "RGB":
         return im
     if mode.startswith("I;16") or mode == "I" or mode == "F":
-        a = np.asarray(im)
-        if mode.startswith("I;16"):
-            grey = (a.astype(np.uint32) >> 8).astype(np.uint8)  # 16-bit: keep the top byte
-        elif mode == "I":
-            a = a.astype(np.int64)
-            # 32-bit int images are nearly always 16-bit data widened by Pillow (PNG, TIFF)
-            grey = (np.clip(a, 0, 65535) >> 8 if a.max(initial=0) > 255 else np.clip(a, 0, 255)).astype(np.uint8)
-        else:
-            a = np.nan_to_num(a.astype(np.float64))
-            scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0  # float images in [0, 1] or in [0, 255]
-            grey = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+        # 8-bit grey, made one band of rows at a time: the whole image never exists as int64/float64 (8 B
+        # a pixel, several copies), only Pillow's own decoded image and the 1-byte result. Kept grey ("L"):
+        # resizing it, then making it RGB, gives the same pixels as resizing an RGB copy (channels equal)
+        return _grey8(im)
     if mode == "LAB":
         from PIL import ImageCms  # needs Pillow built with LittleCMS; only LAB TIFFs come here
 
@@ -166,6 +158,39 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode in ("La", "RGBa"):
         im = im.convert("RGBA")  # premultiplied alpha: Pillow converts these only via RGBA
     return im.convert("RGB")
+
+
+# rows converted at once by `_grey8`: about 1 MP a band, so its temporaries (float64 the largest) stay
+# near 8 MB whatever the image's size
+BAND_PIXELS = 1 << 20
+
+
+def _bands(im: Image.Image):
+    w, h = im.size
+    rows = max(1, BAND_PIXELS // w)
+    for y in range(0, h, rows):
+        yield y, np.asarray(im.crop((0, y, w, min(h, y + rows))))
+
+
+def _grey8(im: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit int or float grey image as 8-bit "L" (the rules in `_to_rgb`), band by band."""
+    mode = im.mode
+    w, h = im.size
+    grey = np.empty((h, w), np.uint8)
+    if mode == "I":  # 32-bit int images are nearly always 16-bit data widened by Pillow (PNG, TIFF)
+        wide = max((int(a.max(initial=0)) for _, a in _bands(im)), default=0) > 255
+    elif mode == "F":  # float images in [0, 1] or in [0, 255]
+        scale = 255.0 if max((float(np.nan_to_num(a.astype(np.float64)).max(initial=0.0)) for _, a in _bands(im)),
+                             default=0.0) <= 1.0 else 1.0
+    for y, a in _bands(im):
+        if mode.startswith("I;16"):
+            band = a.astype(np.uint16) >> 8  # 16-bit: keep the top byte
+        elif mode == "I":
+            band = np.clip(a.astype(np.int64), 0, 65535) >> 8 if wide else np.clip(a, 0, 255)
+        else:
+            band = np.clip(np.rint(np.nan_to_num(a.astype(np.float64)) * scale), 0, 255)
+        grey[y:y + len(a)] = band
+    return Image.fromarray(grey, "L")
 
 
 def decode_image(data: bytes, opts: DecodeOptions) -> np.ndarray:
@@ -220,6 +245,8 @@ def decode_image(data: bytes, opts: DecodeOptions) -> np.ndarray:
             if rgb.size != (SIZE, SIZE):
                 method = RESIZE_METHODS[opts.resize]
                 rgb = rgb.resize((SIZE, SIZE)) if method is None else rgb.resize((SIZE, SIZE), method)
+            if rgb.mode != "RGB":  # a grey kept 8-bit grey until it is small (`_to_rgb`)
+                rgb = rgb.convert("RGB")
             out = np.asarray(rgb, dtype=np.uint8)
         except Skip:
             raise
@@ -253,6 +280,26 @@ def process_context():  # noqa: ANN201
     or a notebook. macOS and Windows use spawn (fork is unsafe with their system frameworks).
     """
     return get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """A pool worker's initializer: the kernel sends it SIGKILL when the process that started it dies, so a
+    `prepare` killed with kill -9 leaves no orphan decoding on (Linux: prctl(PR_SET_PDEATHSIG); elsewhere
+    nothing, and the pool's own shutdown on a clean exit is all there is). The death signal follows the
+    thread that forked the worker: pools are started from the main thread."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent_pid:  # the parent died before the prctl: nothing would signal us
+        os._exit(1)
 
 
 def _decode_chunk(root: str, relpaths: Sequence[str], opts: DecodeOptions) -> tuple[np.ndarray, np.ndarray, list, list]:
@@ -325,7 +372,8 @@ def decode_files(
             for k, chunk in enumerate(chunks):
                 store(k, _decode_chunk(root, chunk, opts))
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=process_context()) as pool:
+            with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=process_context(),
+                                     initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(_decode_chunk, root, chunk, opts): k for k, chunk in enumerate(chunks)}
                 from concurrent.futures import as_completed
 

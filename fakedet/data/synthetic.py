@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fakedet.data.decode import process_context
+from fakedet.data.decode import die_with_parent, process_context
 
 GENERATOR_VERSION = 1
 MARKER = "STANDIN.json"  # fakedet.data.build.STANDIN_MARKER
@@ -782,7 +782,8 @@ def make_synthetic(
                 bar.update()
         else:
             # independent seeded streams per job: the bytes do not depend on scheduling
-            with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), mp_context=process_context()) as pool:
+            with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), mp_context=process_context(),
+                                     initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 for _ in as_completed([pool.submit(_run, job) for job in jobs]):
                     _.result()
                     bar.update()

@@ -3,8 +3,11 @@ logged to MLflow by the driver, until every cell has ended or the sweep is inter
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +16,7 @@ import optuna
 import ray
 import sqlalchemy
 from ray import tune
+from ray.tune import Callback
 
 from fakedet.config import default_cache_root
 from fakedet.console import say, wrap
@@ -21,7 +25,8 @@ from fakedet.provenance import run_record
 from fakedet.sweep.hpo import Objectives, StudySearch, scheduler_for
 from fakedet.sweep.plan import SweepPlan, trial_resources
 from fakedet.sweep.progress import Progress
-from fakedet.sweep.record import write_sweep_file
+from fakedet.sweep.record import tune_state_saved, write_sweep_file
+from fakedet.sweep.refusals import UNKNOWN_DEVICE, Exit, Refused, Stopping, disk_full, fatal_in
 from fakedet.sweep.request import RequestError, SweepRequest
 from fakedet.sweep.spec import FaultInjection
 from fakedet.sweep.study import Budget
@@ -74,10 +79,17 @@ class RayNoise(logging.Filter):
       one `[interrupt]` line; the `Tuner.restore(...)` hint, the list of unfinished trials and the
       warnings about trials without results (FileNotFoundError: trials that never started) are dropped:
       the sweep then says how many cells ended and its `--resume` command. Outside an interrupt every
-      warning and error of Tune passes."""
+      warning and error of Tune passes; "Failed to restore the run state" with its traceback, once
+      fakedet has said which file is damaged and what Tune does instead (`damaged_run_state`);
+    - `ray/tune/execution/tune_controller.py`, `experiment_state.py`: the traceback of a trial's fatal
+      fault and of the experiment state that a full disk could not save, said by `FatalStop` in one line."""
 
     LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.tune.tune",
-               "ray.tune.analysis.experiment_analysis")  # fmt: skip
+               "ray.tune.analysis.experiment_analysis", "ray.tune.execution.tune_controller",
+               "ray.tune.execution.experiment_state")  # fmt: skip
+
+    restart_said = False
+    """fakedet has said why Tune cannot restore its run state (`damaged_run_state`): Tune's traceback is dropped"""
 
     def __init__(self, say_line: Callable[[str], None] = say) -> None:
         super().__init__()
@@ -86,11 +98,19 @@ class RayNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        if msg.startswith(("Trial task failed", "Saving experiment state")) and record.exc_info:
+            # a fatal fault's traceback (a full disk, a checkpoint that does not load): FatalStop says it in one line
+            text = "".join(traceback.format_exception(*record.exc_info))
+            return fatal_refusal(text) is None
         if msg.startswith("Token authentication is enabled for this Ray cluster"):
+            return False
+        if msg.startswith(("Failed to restore the run state", "Restarting experiment")) and RayNoise.restart_said:
             return False
         if msg.startswith("Stop signal received"):
             self.interrupted = True
-            self.say_line("[interrupt] stopping: the running trials save their state once more (Ctrl-C again: stop at once)")
+            fatal = Stopping.refusal
+            self.say_line(f"[stop] {fatal}: the running trials save their state once more" if fatal else
+                          "[interrupt] stopping: the running trials save their state once more (Ctrl-C again: stop at once)")
             return False
         if msg.startswith("Experiment has been interrupted"):
             return False
@@ -105,6 +125,64 @@ class RayNoise(logging.Filter):
         return self
 
 
+class FatalStop(Callback):
+    """A trial's fault that a retry cannot remove stops the sweep, resumably, instead of being retried as a
+    crash (Ray's FailureConfig retries every trial error alike, up to `max_failures`): a full disk (ENOSPC
+    while the trial writes its checkpoint) or a checkpoint that does not load (`FatalTrialError` in the
+    trainable). Ray gives the driver a trial's error as text (the trial's `error.txt`); its mark
+    (`refusals.FATAL_MARK`) is looked for there, or the ENOSPC text. The stop is Tune's own interrupt
+    (SIGUSR1, which Tune handles as Ctrl-C): every trial keeps its state and its status, so `--resume`
+    continues them; the failure is not counted against the trial's retries."""
+
+    def __getstate__(self) -> dict:  # pickled with the Tuner's state: nothing to keep
+        return {}
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        if self._check(trial):
+            trial.run_metadata.num_failures -= 1  # not the trial's fault: no retry spent
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._check(trial)
+
+    def _check(self, trial) -> bool:
+        refusal = fatal_refusal(last_failure(trial.error_file), getattr(trial, "path", None))
+        if refusal is None:
+            return False
+        if Stopping.refusal is None:
+            Stopping.refusal = refusal
+            if callable(signal.getsignal(signal.SIGUSR1)):  # Tune's handler (it installs one in the main thread)
+                signal.raise_signal(signal.SIGUSR1)
+            else:
+                raise refusal
+        return True
+
+
+def last_failure(error_file: str | None) -> str:
+    """The text of a trial's last failure in its `error.txt` (Ray appends each as "Failure # N ...")."""
+    if not error_file:
+        return ""
+    try:
+        text = Path(error_file).read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[text.rfind("Failure # "):]
+
+
+def fatal_refusal(text: str, trial_path: str | None = None) -> Refused | None:
+    """The refusal a trial's error text says: its fatal mark, or no space left on a device (the file the OS
+    named; else the trial's folder in Ray's storage, where it was saving its checkpoint)."""
+    marked = fatal_in(text)
+    if marked is not None:
+        return marked
+    where = disk_full(RuntimeError(text))
+    if where is None:
+        return None
+    if where == UNKNOWN_DEVICE and trial_path:
+        where = f"the device of {trial_path} (or the temp folder)"
+    return Refused(f"no space left on {where} while a trial saved its checkpoint; free space there, then --resume "
+                   f"(every trial continues from its last evaluation point)", Exit.DISK_FULL)
+
+
 def quiet_ray() -> None:
     """What Ray prints that fakedet replaces (Ray 2.60): the experiment box, "View detailed results here"
     and the TensorBoard hint of Tune's new output engine, which prints them even at `verbose=0` (the
@@ -117,6 +195,17 @@ def quiet_ray() -> None:
 
 def init_ray(request: SweepRequest) -> None:
     quiet_ray()
+    # ray.init installs its C++ failure handler for SIGTERM in the driver (it logs "*** SIGTERM received ***"
+    # and aborts: exit -6, no resume line); the command line's own handler (Ctrl-C's path) is put back after it
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init_ray(request)
+    finally:
+        if callable(on_sigterm):
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _init_ray(request: SweepRequest) -> None:
     if request.address:
         ray.init(address=request.address, log_to_driver=request.verbose, logging_level=logging.WARNING)
     else:
@@ -256,30 +345,61 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     if plan.trials and not meta:
         planned = logger.plan_runs(list(plan.trials))
         say(f"MLflow compare: {compare_link(tracking.uri, tracking.experiment_id, planned)}")
-    callbacks = [logger, Progress(plan.total_trials, plan.template)]
+    if request.kill_after_planning:  # a driver killed while it planned: the sweep file and cells exist, Tune's state not
+        os.kill(os.getpid(), signal.SIGKILL)
+    # FatalStop first: it decides, before the others are told, that a failed trial is not retried
+    callbacks = [FatalStop(), logger, Progress(plan.total_trials, plan.template)]
     path = f"{storage}/{plan.name}"
+    restore = meta is not None and tune_state_saved(storage, plan.name)
     if meta:
         if "://" not in storage:  # what earlier runs of the sweep measured but could not log (local storage)
             replayed = logger.replay_stored(Path(path), plan.trials)
             say(f"resuming {path} (stored results of {replayed} trials checked against MLflow)")
         else:
             say(f"resuming {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=plan.param_space)
+    if restore:
+        damaged = damaged_run_state(Path(path)) if "://" not in storage else []
+        RayNoise.restart_said = bool(damaged)
+        if damaged:
+            say(f"Tune's run state {', '.join(p.name for p in damaged)} in {path} is truncated (the disk filled, or the "
+                f"driver was killed, while Tune wrote it): Tune restarts the sweep's unfinished trials from their "
+                f"beginning; what MLflow holds stays, each point logged once")
+        tuner = restore_tuner(path, trainable, plan.param_space)
     else:
+        if meta:  # stopped while planning, before Tune saved anything: nothing ran, the recorded plan starts afresh
+            say(f"{path} holds no Tune state yet (the first run stopped before its trials started): starting them "
+                f"afresh from the recorded plan; cells already created in MLflow are reused")
         tuner = tune.Tuner(trainable, param_space=plan.param_space, tune_config=tune_config(plan, request),
                            run_config=run_config(plan, storage, callbacks))
     tracking_error, tracking_status = None, None
+    Stopping.refusal = None
     try:
         results = tuner.fit()
         failed = sum(r.error is not None for r in results)
+    except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM): Tune stops at once
+        close_parent(tracking, "KILLED")
+        raise
     except Exception as e:  # noqa: BLE001 - a tracking outage surfaces from inside Tune's callback
         cause = _tracking_cause(e)
-        if cause is None:
-            raise
-        tracking_error, tracking_status, failed = str(cause), cause.status, 0
+        if Stopping.refusal is not None:  # what the stop left behind (a truncated error.pkl on a full disk) fails next
+            close_parent(tracking, "KILLED")
+            raise Stopping.refusal from None
+        if cause is not None:
+            tracking_error, tracking_status, failed = str(cause), cause.status, 0
+        else:
+            close_parent(tracking, "KILLED")
+            if isinstance(e, Refused):
+                raise
+            where = disk_full(e)
+            if where is None:
+                raise
+            raise Refused(f"no space left on {where} (the sweep's results under {storage}); free space there, then "
+                          f"--resume", Exit.DISK_FULL) from None
     finally:
         remember_state(tracking, Path(path), storage)
+    if Stopping.refusal is not None:
+        close_parent(tracking, "KILLED")
+        raise Stopping.refusal
     writer = writer_for(tracking.uri, outage_s)
     if tracking_error is None and not writer.flush(timeout=outage_s):
         try:
@@ -289,6 +409,39 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
             tracking_error, tracking_status = str(e), e.status
     ended = 0 if tracking_error else ended_cells(tracking)
     return SweepOutcome(plan, tracking, record, cache, data_hash, ended, failed, tracking_error, tracking_status)
+
+
+def damaged_run_state(experiment_dir: Path) -> list[Path]:
+    """Tune's latest run-state file (`experiment_state-<date>.json`, the one Tune restores; written in place,
+    not atomically) when it does not parse: read as JSON only, nothing unpickled."""
+    damaged = []
+    for p in sorted(experiment_dir.glob("experiment_state-*.json"))[-1:]:
+        try:
+            json.loads(p.read_text())
+        except (OSError, ValueError):
+            damaged.append(p)
+    return damaged
+
+
+def restore_tuner(path: str, trainable, param_space: dict) -> tune.Tuner:
+    """Tune's saved state restored, or one line naming the file that does not load (a truncated `tuner.pkl`
+    after a full disk or a kill mid-write) and what to do."""
+    try:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, a JSON error: all one line
+        raise Refused(f"Ray could not restore the saved state in {path} ({type(e).__name__}: {first_line(e)}); "
+                      f"tuner.pkl or experiment_state-*.json is truncated or damaged: restore the folder from a backup, "
+                      f"or start the sweep again under a new --name", Exit.CORRUPT_STATE) from None
+
+
+def close_parent(tracking: SweepTracking, status: str) -> None:
+    """End the parent run as `status` (KILLED: stopped from outside; `--resume` reopens it), asking once."""
+    try:
+        with answering_quickly():
+            tracking.client().set_terminated(tracking.parent_run_id, status)
+    except Exception as e:  # noqa: BLE001 - the store is away: the sweep's own line says what to do
+        say(f"could not mark the parent run {tracking.parent_run_id} {status} ({first_line(e)})")
 
 
 def remember_state(tracking: SweepTracking, experiment_dir: Path, storage: str) -> None:

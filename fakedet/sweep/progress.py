@@ -8,6 +8,7 @@ import time
 from ray.tune import Callback
 
 from fakedet.console import say
+from fakedet.sweep.refusals import Stopping
 from fakedet.sweep.spec import TrialSpec, resolve_trial
 
 
@@ -78,4 +79,6 @@ class Progress(Callback):
         self._line(force=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        if Stopping.refusal is not None:  # a fault a retry cannot remove: the sweep stops instead (`execute.FatalStop`)
+            return
         say(f"[retry] trial {trial.trial_id} ({self._label(trial)}) crashed; retrying from its last checkpoint")

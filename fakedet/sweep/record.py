@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow.fs
 
+from fakedet.sweep.refusals import Exit, Refused
 from fakedet.sweep.study import Study, StudyError
 
 SWEEP_FILE = "fakedet_sweep.json"
@@ -34,11 +35,26 @@ def sweep_exists(storage: str, name: str) -> bool:
     return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
 
 
+def tune_state_saved(storage: str, name: str) -> bool:
+    """Whether Tune has saved its state (`tuner.pkl`) for sweep `name`: a sweep stopped while it was being
+    planned has its sweep file, but no Tune state to restore."""
+    fs, root = _fs(storage)
+    return fs.get_file_info(f"{root}/{name}/tuner.pkl").type == pyarrow.fs.FileType.File
+
+
+# what --resume reads from the sweep file before anything else: without one of them it cannot go on
+REQUIRED = ("kind", "name", "tracking_uri", "experiment", "parent_run_id")
+
+
 def write_sweep_file(storage: str, name: str, meta: dict[str, Any]) -> None:
+    """Written whole or not at all: to a temporary name, then renamed (a full disk or a kill mid-write
+    leaves the temporary file, never a truncated sweep file)."""
     fs, root = _fs(storage)
     fs.create_dir(f"{root}/{name}", recursive=True)
-    with fs.open_output_stream(f"{root}/{name}/{SWEEP_FILE}") as f:
+    tmp = f"{root}/{name}/.{SWEEP_FILE}.tmp"
+    with fs.open_output_stream(tmp) as f:
         f.write(json.dumps(meta, indent=1, default=str).encode())
+    fs.move(tmp, f"{root}/{name}/{SWEEP_FILE}")
 
 
 def read_sweep_file(storage: str, name: str, kind: str) -> dict[str, Any]:
@@ -47,7 +63,17 @@ def read_sweep_file(storage: str, name: str, kind: str) -> dict[str, Any]:
 
     def read(path: str) -> dict:
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+            raw = f.read()
+        try:
+            meta = json.loads(raw.decode())
+        except ValueError as e:  # truncated (a full disk, a kill mid-write before writes were atomic) or edited
+            raise Refused(f"the sweep file {path} is not valid JSON ({len(raw)} bytes; {e}); restore it from a backup, "
+                          f"or start the sweep again under a new --name (its MLflow runs stay as they are)",
+                          Exit.CORRUPT_STATE) from None
+        if not isinstance(meta, dict):
+            raise Refused(f"the sweep file {path} holds a JSON {type(meta).__name__}, not an object; restore it from a "
+                          f"backup, or start the sweep again under a new --name", Exit.CORRUPT_STATE)
+        return meta
 
     if name == "latest":
         metas = []
@@ -67,6 +93,16 @@ def read_sweep_file(storage: str, name: str, kind: str) -> dict[str, Any]:
         meta = read(path)
     if meta.get("kind") != kind:
         raise StudyError(f"--resume: sweep {meta.get('name')!r} is a {meta.get('kind')} sweep, not {kind}")
+    return meta
+
+
+def check_resumable(meta: dict[str, Any], storage: str) -> dict[str, Any]:
+    """`meta` when it holds what `--resume` reads first (`REQUIRED`), else one line naming the file and the keys."""
+    missing = [k for k in REQUIRED if not meta.get(k)]
+    if missing:
+        raise Refused(f"the sweep file {storage}/{meta.get('name')}/{SWEEP_FILE} lacks {', '.join(missing)}: --resume cannot find "
+                      f"the sweep's tracking store and parent run without them; restore the file from a backup, or start "
+                      f"the sweep again under a new --name", Exit.CORRUPT_STATE)
     return meta
 
 

@@ -102,6 +102,8 @@ class SweepRequest:
     verbose: bool = False
     crash_once_after_step: int | None = None
     """fault injection for tests"""
+    kill_after_planning: bool = False
+    """fault injection for tests: SIGKILL the driver once its cells' runs exist, before Tune saves any state"""
 
     def __post_init__(self) -> None:
         """Every number in range and every name safe, before anything is read or started: all the errors, in one line."""

@@ -26,6 +26,7 @@ from fakedet.config import TrainConfig
 from fakedet.explain import explain_probes, probe_sets, probe_shares, trained_model, write_maps
 from fakedet.metrics import best_worst_classes, confusion, per_class_recall, plot_threshold_curves, threshold_table
 from fakedet.models import save_checkpoint
+from fakedet.sweep.refusals import Exit, FatalTrialError
 from fakedet.sweep.spec import CELL_ARTIFACTS, TRIAL_KEY_RESULT, Cell, TrialSpec, fmt_epochs, resolve_trial
 from fakedet.train import BatchSchedule, EvalRecord, ModelEval, total_steps, train_models
 
@@ -56,7 +57,7 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            saved = load_state(Path(d) / STATE_FILE, f"{checkpoint.path}/{STATE_FILE}")
         states, diverged = list(saved["states"]), list(saved["diverged"])
     best: list[tuple[float, float] | None] = [None] * len(cfgs)  # HPO: (best objective so far, its epoch)
     for k, state in enumerate(states):
@@ -104,6 +105,17 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
 
     # the models that have not diverged go on together (a diverged one has ended, as alone)
     train_models([cfgs[i] for i in live], train_set, eval_sets, on_eval=on_point, resume=[states[i] for i in live])
+
+
+def load_state(path: Path, where: str) -> dict:
+    """The saved training state, or `FatalTrialError` naming `where`: a retry would read the same file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, garbled, not a torch file: all the same to the trial
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FatalTrialError(f"the checkpoint {where} does not load ({type(e).__name__}: {first}): it is truncated or "
+                              f"damaged, and every retry would read it again; restore it from a backup, or start the "
+                              f"sweep again under a new --name", Exit.CORRUPT_STATE) from None
 
 
 def _better(spec: TrialSpec, best: tuple[float, float] | None, record: dict) -> tuple[float, float] | None:

@@ -75,11 +75,11 @@ def check_ownership(storage: Path, experiment_dir: Path) -> None:
 
 def check_state(storage: Path, experiment_dir: Path, recorded_digest: str | None, accept_changed: bool) -> str | None:
     """Before a restore: ownership and permissions (always), then the state's digest against the one
-    recorded at the last stop. Returns a warning to print when a changed state is accepted."""
+    recorded at the last stop. Returns a warning to print when a changed state is accepted. Without
+    `tuner.pkl` nothing is restored (Tune starts the recorded plan afresh), so no digest is asked for."""
     check_ownership(storage, experiment_dir)
     if not (experiment_dir / "tuner.pkl").is_file():
-        raise Refused(f"cannot resume {experiment_dir}: Ray's tuner.pkl is missing (the first run was stopped before "
-                      f"Tune saved its state); start the sweep again under a new --name", Exit.UNTRUSTED_STATE)
+        return None  # Tune saved no state (stopped while planning): nothing is restored, the plan starts afresh
     manifest = state_manifest(experiment_dir)
     if manifest_digest(manifest) == recorded_digest:
         return None
@@ -109,5 +109,8 @@ def record_state(experiment_dir: Path) -> tuple[str, dict[str, str]] | None:
     if not (experiment_dir / "tuner.pkl").is_file():
         return None
     manifest = state_manifest(experiment_dir)
-    (experiment_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    try:
+        (experiment_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    except OSError:  # a full disk: the manifest only names what changed, the digest (in MLflow) decides
+        (experiment_dir / MANIFEST_FILE).unlink(missing_ok=True)
     return manifest_digest(manifest), manifest
