@@ -6,7 +6,7 @@ in the same form, so the steppers normalise it as any batch. Each image is blurr
 (sigma ~ U(`augment_sigma`)), then re-encoded as JPEG with probability p (quality ~ U{`augment_quality`}),
 as Wang et al. apply them. No per-image Python: the blur is one grouped separable convolution with a
 kernel per image; JPEG is a batched torch codec (`jpeg_roundtrip`): JFIF YCbCr, 4:2:0 chroma by 2×2
-means, an orthonormal 8×8 DCT as two matrix products, the IJG tables scaled by each image's quality
+means, an orthonormal 8×8 DCT as one 64×64 matrix product per plane, the IJG tables scaled by each image's quality
 (libjpeg's `jpeg_quality_scaling`, baseline: at most 255), rounding to the nearest step, then libjpeg's
 "fancy" (triangular) chroma upsampling on decoding. It matches PIL (libjpeg) on the same images to
 within the tolerance stated and tested in tests/test_augment.py; it is not bit-exact (libjpeg's integer
@@ -65,31 +65,39 @@ def quality_tables(quality: torch.Tensor) -> torch.Tensor:
     return ((base * scale.reshape(-1, 1, 1, 1) + 50) // 100).clamp(1, 255).to(torch.float32)
 
 
-def _dct_matrix(device: torch.device) -> torch.Tensor:
-    """The orthonormal 8-point DCT-II matrix D (coefficients = D @ block @ D.T), in float64 then float32."""
+def _dct_basis(device: torch.device) -> torch.Tensor:
+    """The orthonormal 8×8 DCT-II as one (64, 64) matrix on row-major blocks: coefficients = block @ basis.
+
+    kron(D, D).T of the 8-point matrix D (coefficients = D @ block @ D.T), so each plane's blocks transform
+    in one matrix product (on the CPU 10-20 times faster than two broadcast 8×8 products per block)."""
     k = torch.arange(8, dtype=torch.float64)
     d = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * math.sqrt(2 / 8)
     d[0] /= math.sqrt(2)
-    return d.to(torch.float32).to(device)
+    return torch.kron(d, d).T.to(torch.float32).to(device)
 
 
 def _blocks(plane: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) → (N, H/8, W/8, 8, 8)."""
+    """(N, H, W) → (N, H/8 · W/8, 64): each 8×8 block row-major."""
     n, h, w = plane.shape
-    return plane.reshape(n, h // 8, 8, w // 8, 8).transpose(2, 3)
+    return plane.reshape(n, h // 8, 8, w // 8, 8).transpose(2, 3).reshape(n, -1, 64)
 
 
-def _unblocks(blocks: torch.Tensor) -> torch.Tensor:
-    n, by, bx = blocks.shape[:3]
-    return blocks.transpose(2, 3).reshape(n, by * 8, bx * 8)
+def _unblocks(blocks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    n = blocks.shape[0]
+    return blocks.reshape(n, h // 8, w // 8, 8, 8).transpose(2, 3).reshape(n, h, w)
 
 
-def _code(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
+def _code(plane: torch.Tensor, table: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """One plane (N, H, W) in 0..255 through level shift, DCT, quantisation by `table` (N, 8, 8), and back."""
-    coefficients = dct @ _blocks(plane - 128.0) @ dct.T
-    steps = table[:, None, None]
-    coefficients = torch.round(coefficients / steps) * steps
-    return _unblocks(dct.T @ coefficients @ dct) + 128.0
+    steps = table.reshape(-1, 1, 64)
+    coefficients = torch.round((_blocks(plane - 128.0) @ basis) / steps) * steps
+    return _unblocks(coefficients @ basis.T, *plane.shape[1:]) + 128.0
+
+
+def _mix(planes: tuple[torch.Tensor, ...], matrix: tuple[tuple[float, ...], ...], offsets: tuple[float, ...]) -> list[torch.Tensor]:
+    """Three planes mixed by a 3×3 colour matrix, plus offsets: elementwise (a (…, 3) @ (3, 3) product is
+    several times slower on the CPU)."""
+    return [sum(c * p for c, p in zip(row, planes) if c) + o for row, o in zip(matrix, offsets)]
 
 
 def _sample(x: torch.Tensor) -> torch.Tensor:
@@ -124,13 +132,12 @@ def jpeg_roundtrip(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         x = F.pad(x.permute(0, 3, 1, 2), (0, pw, 0, ph), mode="replicate").permute(0, 2, 3, 1)
     # libjpeg's pipeline is integer between its stages: samples are rounded (and clamped to 0..255) after
     # the colour conversion, the chroma downsampling and the inverse DCT
-    ycc = _sample(x @ torch.tensor(RGB_TO_YCBCR, device=device).T + torch.tensor((0.0, 128.0, 128.0), device=device))
-    tables, dct = quality_tables(quality.to(device)), _dct_matrix(device)
-    luma = _sample(_code(ycc[..., 0], tables[:, 0], dct))
-    chroma = [_sample(ycc[..., c].unflatten(1, (-1, 2)).unflatten(3, (-1, 2)).mean((2, 4))) for c in (1, 2)]  # 2×2 means
-    chroma = [_upsample_fancy(_sample(_code(plane, tables[:, 1], dct))) for plane in chroma]
-    ycc = torch.stack((luma, *chroma), dim=-1) - torch.tensor((0.0, 128.0, 128.0), device=device)
-    rgb = ycc @ torch.tensor(YCBCR_TO_RGB, device=device).T
+    y, cb, cr = (_sample(p) for p in _mix(x.unbind(-1), RGB_TO_YCBCR, (0.0, 128.0, 128.0)))
+    tables, basis = quality_tables(quality.to(device)), _dct_basis(device)
+    luma = _sample(_code(y, tables[:, 0], basis))
+    chroma = [_sample(F.avg_pool2d(p.unsqueeze(1), 2).squeeze(1)) for p in (cb, cr)]  # 2×2 means
+    cb, cr = (_upsample_fancy(_sample(_code(p, tables[:, 1], basis))) for p in chroma)
+    rgb = torch.stack(_mix((luma, cb - 128.0, cr - 128.0), YCBCR_TO_RGB, (0.0, 0.0, 0.0)), dim=-1)
     return torch.round(rgb[:, :h, :w]).clamp_(0, 255).to(torch.uint8)
 
 
