@@ -130,3 +130,20 @@ def test_a_bundle_refuses_mixed_modules(toy):
     cfgs = [TrainConfig(epochs=1, batch_size=16, device="cpu", srm="pool1", attention=a) for a in ("srm", "se")]
     with pytest.raises(ValueError, match="differ in 'attention'"):
         train_models(cfgs, train_set)
+
+
+@pytest.mark.slow
+def test_every_module_learns_the_intrinsic_task_on_the_planted_standin(tmp_path_factory):
+    """A known answer: the planted stand-in's CIFAKE task is learnable to near-perfect ranking (the grating
+    marks every fake), and SRM at pool1 learns it within 10 epochs at lr 1e-2; so must every module. Measured
+    (seed 11): CIFAKE test AUC 0.99 (srm), 0.999 (se), 0.997 (eca) at epoch 10, against 0.70-0.77 at epoch 2."""
+    from test_augment import planted_small
+
+    sets = planted_small(tmp_path_factory)
+    auc = {}
+    for attention in ATTENTIONS:
+        cfg = TrainConfig(srm="pool1", attention=attention, lr=1e-2, seed=11, epochs=10, eval_at=(2,), device="cpu")
+        history = train(cfg, sets["cifake_train"], {"cifake_test": sets["cifake_test"]}).history
+        auc[attention] = [h["metrics"]["cifake_test"]["auc"] for h in history]
+    for attention, (early, late) in auc.items():
+        assert late > 0.95 and late > early + 0.1, auc

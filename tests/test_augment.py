@@ -185,13 +185,17 @@ PLANTED_EPOCHS = 10  # the base CNN at lr 1e-2 has learned the grating by then i
 PLANTED_AUGMENT = {"augment": "blur_jpeg", "augment_p": 0.5, "augment_sigma": (0.0, 1.5)}
 
 
-@pytest.fixture(scope="module")
-def planted_sets(tmp_path_factory):
+def planted_small(tmp_path_factory):
+    """The `small` planted stand-in, prepared once per session (a second call finds its cache)."""
     from fakedet.data import resolve_data
 
-    cache = resolve_data("synthetic", tmp_path_factory.mktemp("planted"), size="small", variant="planted",
-                         show_progress=False)
-    sets = load_splits(cache)
+    root = tmp_path_factory.getbasetemp() / "fakedet-data-small-planted"
+    return load_splits(resolve_data("synthetic", root, size="small", variant="planted", show_progress=False))
+
+
+@pytest.fixture(scope="module")
+def planted_sets(tmp_path_factory):
+    sets = planted_small(tmp_path_factory)
     return sets["cifake_train"], {"agiri_test": sets["agiri_test"]}
 
 
@@ -216,3 +220,4 @@ def test_blur_jpeg_keeps_more_transfer_after_long_training_on_the_planted_standi
     # the plant worked: the plain models lost transfer between epoch 4 and the end
     assert np.mean([auc["none", s][0] - auc["none", s][-1] for s in PLANTED_SEEDS]) > 0.05, shown
     assert low > 0, shown
+    print(shown)  # the measured figures, shown with `pytest -rP`
