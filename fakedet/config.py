@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from fakedet.models import ARCHITECTURES, PLACEMENTS
+from fakedet.models import ARCHITECTURES, ATTENTIONS, PLACEMENTS
 
 # The weights train in float32 (`train.ieee_float32`): a learning rate above float32's largest number is
 # inf there (every update NaN from the first step), one below its smallest normal number flushes
@@ -84,6 +84,23 @@ def _as_tuple(value: Any) -> Any:
 # ---- one rule per field: the dataclass below, `TRAIN_FIELDS`, `[fixed]` and `[space]` all use these ----
 Architecture = Annotated[str, _known(ARCHITECTURES, "architecture")]
 Placement = Annotated[str, _known(PLACEMENTS, "SRM placement")]
+Attention = Annotated[str, _known(ATTENTIONS, "attention module")]
+Augment = Literal["none", "blur_jpeg"]
+AUGMENTS = typing.get_args(Augment)
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+def _ordered(value: tuple) -> tuple:
+    if value[0] > value[1]:
+        raise ValueError(f"a range is (low, high) with low <= high, got {shown(value)}")
+    return value
+
+
+# Wang et al. (2020) blur with sigma in pixels (>= 0) and re-encode at an IJG quality in 1..100
+SigmaRange = Annotated[tuple[Annotated[float, Field(ge=0, le=8, allow_inf_nan=False)], Annotated[float, Field(ge=0, le=8, allow_inf_nan=False)]],
+                       BeforeValidator(_as_tuple), AfterValidator(_ordered)]
+QualityRange = Annotated[tuple[Annotated[int, Field(ge=1, le=100)], Annotated[int, Field(ge=1, le=100)]],
+                         BeforeValidator(_as_tuple), AfterValidator(_ordered)]
 Epochs = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False), AfterValidator(_float32_range)]
 Momentum = Annotated[float, Field(ge=0, lt=1)]
@@ -103,6 +120,23 @@ class TrainConfig:
     """Architecture name from `fakedet.models.ARCHITECTURES`: the PyTorch CIFAR tutorial net."""
     srm: Placement = "none"
     """SRM placement from `fakedet.models.PLACEMENTS`: none (the study's base model), pool1 (its SRM model), pool2, both."""
+    attention: Attention = "srm"
+    """The module at the placement's slots, from `fakedet.models.ATTENTIONS`: `srm` (the study's), `se`
+    (squeeze-excitation, Hu et al. 2018), `eca` (Wang et al. 2020), `cbam` (Woo et al. 2018). No effect
+    with placement `none`."""
+    augment: Augment = "none"
+    """Training-time augmentation of each batch (`fakedet.augment`): `none` (the study's), or `blur_jpeg`,
+    Wang et al.'s (2020, CVPR) Gaussian blur and JPEG re-encoding, each applied to an image with
+    probability `augment_p`."""
+    augment_p: Probability = 0.5
+    """Probability of each of blur and JPEG per image under `blur_jpeg` (Wang et al. used 0.5 and 0.1)."""
+    augment_sigma: SigmaRange = (0.0, 0.43)
+    """Blur sigma ~ U(low, high) in pixels of the 32 px image. Wang et al. drew sigma ~ U[0, 3] px on
+    images of 224-256 px; the same blur relative to the image is 3 * 32/224 = 0.43 px here (at 32 px a
+    scene is 7-8 times coarser, so their widest blur spans 7-8 times fewer of its pixels)."""
+    augment_quality: QualityRange = (30, 100)
+    """JPEG quality ~ U{low, ..., high} (IJG scale; Wang et al.'s 30-100). Not rescaled: JPEG's 8×8 blocks
+    are in pixels whatever the image size."""
     epochs: Epochs = 10
     """Training length in epochs; the study trained 10 (base, SRM), 1 (mini), and tried 50 and 100."""
     lr: LearningRate = 1e-3
@@ -136,7 +170,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checked = _check(self.to_dict())
-        object.__setattr__(self, "eval_at", checked.eval_at)  # a list given is kept as a tuple
+        for name in ("eval_at", "augment_sigma", "augment_quality"):  # a list given is kept as a tuple
+            object.__setattr__(self, name, getattr(checked, name))
 
     def validate(self) -> None:
         """Every field checked by its rule; one ValueError naming every broken one."""
@@ -144,7 +179,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["eval_at"] = list(self.eval_at)
+        for name in ("eval_at", "augment_sigma", "augment_quality"):
+            d[name] = list(getattr(self, name))
         return d
 
     @classmethod

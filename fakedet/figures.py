@@ -46,7 +46,7 @@ def _cell_frame(results: SweepResults) -> pd.DataFrame:
     cells = results.finished_cells()
     keys = pd.DataFrame({"srm": cells.get("srm"), "epochs": cells.get("cell_epochs"), "lr": cells.get("lr"),
                          "seed": cells.get("seed")}, index=cells.index)
-    for extra in ("momentum", "batch_size"):
+    for extra in ("attention", "augment", "augment_p", "momentum", "batch_size"):
         if extra in cells and cells[extra].nunique(dropna=True) > 1:
             keys[extra] = cells[extra]
     return keys
@@ -188,7 +188,7 @@ BAND_ALPHA = 0.18
 EPOCH_TICKS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 MAX_EPOCH_TICKS = 7
 # The grid factors that make a condition; seeds are its replicates.
-CONDITION_COLUMNS = ("srm", "lr", "momentum", "batch_size")
+CONDITION_COLUMNS = ("srm", "attention", "augment", "augment_p", "lr", "momentum", "batch_size")
 # What each metric measures, for axis labels (the unit of the y axis)
 METRIC_UNITS = {"acc": "accuracy, fraction correct", "auc": "ROC AUC", "ap": "average precision", "f1": "F1 of REAL",
                 "f1_macro": "macro F1", "loss": "BCE, nats per image", "real_recall": "fraction predicted REAL"}
@@ -329,8 +329,9 @@ def _condition_columns(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def _condition_label(row: pd.Series, varying: Sequence[str]) -> str:
-    short = {"momentum": "m", "batch_size": "bs"}
-    return f"{row['srm']} lr={float(row['lr']):g}" + "".join(f" {short[c]}={row[c]:g}" for c in varying)
+    short = {"attention": "att", "augment": "aug", "augment_p": "p", "momentum": "m", "batch_size": "bs"}
+    shown = lambda v: v if isinstance(v, str) else f"{v:g}"  # noqa: E731
+    return f"{row['srm']} lr={float(row['lr']):g}" + "".join(f" {short[c]}={shown(row[c])}" for c in varying)
 
 
 def condition_curves(points: pd.DataFrame, metric: str) -> list[Curve]:

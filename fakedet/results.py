@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from fakedet.config import TrainConfig
 from fakedet.sweep.tags import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRAJECTORY, TAG_TRIAL
 
 
@@ -33,7 +34,10 @@ def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[
                # the trajectory's label (older sweeps: its Ray trial id)
                "trajectory": tags.get(TAG_TRAJECTORY) or tags.get(TAG_TRIAL), "diverged": tags.get(TAG_STATUS) == "diverged", "srm": p.get("srm"), "lr": float(p.get("lr", "nan")),
                "seed": int(p.get("seed", -1)), "cell_epochs": float(p.get("epochs", "nan")),
-               "momentum": float(p.get("momentum", "nan")), "batch_size": int(p.get("batch_size", -1)), **run.data.metrics}
+               "momentum": float(p.get("momentum", "nan")), "batch_size": int(p.get("batch_size", -1)),
+               # a sweep recorded before the attention and augmentation axes trained the study's
+               "attention": p.get("attention", TrainConfig.attention), "augment": p.get("augment", TrainConfig.augment),
+               "augment_p": float(p.get("augment_p", TrainConfig.augment_p)), **run.data.metrics}
         cells.append(row)
         best = by_trajectory.get(row["trajectory"])
         if best is None or row["cell_epochs"] > best[1]["cell_epochs"]:
@@ -45,7 +49,7 @@ def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[
             for m in client.get_metric_history(run.info.run_id, key):
                 series.setdefault(m.step, {})[key] = m.value
         frame = pd.DataFrame.from_dict(series, orient="index").rename_axis("step").reset_index().sort_values("step")
-        for k in ("trajectory", "srm", "lr", "seed", "momentum", "batch_size"):
+        for k in ("trajectory", "srm", "attention", "augment", "augment_p", "lr", "seed", "momentum", "batch_size"):
             frame[k] = row[k]
         frames.append(frame)
     points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -31,6 +31,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fakedet.arrays import ImageSet
+from fakedet.augment import augment_rows
 from fakedet.bundle import StackedStepper, check_bundle
 from fakedet.config import TrainConfig
 from fakedet.metrics import score_logits
@@ -210,7 +211,7 @@ def build_initial(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The model a run starts from: built under the config's seed without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(cfg.arch, cfg.srm).to(device)
+        return build_model(cfg.arch, cfg.srm, cfg.attention).to(device)
 
 
 def sgd_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
@@ -493,7 +494,10 @@ def _train(
             epoch_index = step // spe
             order, offsets = epoch_order([schedules[k] for k in live], epoch_index, device)
         s = step % spe
-        loss_sum += stepper.step(images, labels, order[:, offsets[s] : offsets[s + 1]])
+        batch = (images, labels, order[:, offsets[s] : offsets[s + 1]])
+        if first.augment != "none":  # each row's batch augmented from (its seed, epoch, step) alone
+            batch = augment_rows(*batch, [cfgs[k] for k in live], epoch_index, s)
+        loss_sum += stepper.step(*batch)
         loss_steps += 1
         step += 1
         bar.update(1)

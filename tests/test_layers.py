@@ -16,7 +16,7 @@ LAYERS = [
     ("base", {"", "arrays", "config", "console", "models", "metrics", "provenance", "preprocess"}),
     ("analysis", {"analysis."}),  # pure functions over result tables: numpy, pandas, scipy, statsmodels only
     ("data", {"data."}),
-    ("train", {"train", "bundle", "explain"}),
+    ("train", {"train", "bundle", "explain", "augment"}),
     ("sweep", {"sweep."}),
     ("views", {"results", "figures", "report"}),
     ("commands", {"cli", "__main__", "sweep_cli", "train_cli", "predict", "data.cli"}),

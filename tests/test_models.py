@@ -53,7 +53,7 @@ def test_registering_an_architecture_is_one_decorated_function():
     name = "tiny_linear_for_test"
     try:
         @register_architecture(name)
-        def tiny(srm):
+        def tiny(srm, attention):
             return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 1), torch.nn.Flatten(0))
 
         assert build_model(name, "none")(torch.zeros(2, 3, 32, 32)).shape == (2,)

@@ -12,15 +12,24 @@ from scipy.stats import false_discovery_control
 from fakedet.analysis.resampling import SYMBOLS
 
 CONDITION = ("srm", "cell_epochs", "lr")  # one cell condition; seeds replicate it
+# Training-config axes that make conditions where a sweep varies them (the attention module, the augmentation)
+AXES = ("attention", "augment", "augment_p")
 
 
-def cells_summary(cells: pd.DataFrame, metrics: Sequence[str], by: Sequence[str] = CONDITION) -> pd.DataFrame:
-    """One row per cell condition (`by`, default srm × cell_epochs × lr) with `n_seeds` and, for every
+def condition(cells: pd.DataFrame) -> tuple[str, ...]:
+    """The columns of one cell condition in `cells`: `CONDITION`, and each of `AXES` that varies there."""
+    return (*CONDITION[:1], *[c for c in AXES if c in cells and cells[c].nunique(dropna=False) > 1], *CONDITION[1:])
+
+
+def cells_summary(cells: pd.DataFrame, metrics: Sequence[str], by: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per cell condition (`by`, default `condition(cells)`: srm × cell_epochs × lr, and the attention
+    module and augmentation where they vary) with `n_seeds` and, for every
     metric, `<metric>_mean` and `<metric>_std` over the seeds (std with ddof 1: NaN when n_seeds == 1).
 
     Needs the columns `by`, the metrics and (for `n_seeds`) `seed`. Pass the cells to count (e.g.
     FINISHED ones only). A metric missing from the table is left out; NaN values are skipped.
     """
+    by = condition(cells) if by is None else by
     missing = [c for c in by if c not in cells]
     if missing:
         raise KeyError(f"cells_summary groups by {list(by)}; the cells lack {missing}")

@@ -21,6 +21,9 @@ from fakedet.config import TrainConfig
 CELL_ARTIFACTS = "cell_artifacts"
 # Fields that change how a run is executed or scored, never what it learns: left out of a cell's identity.
 RUNTIME_FIELDS = ("eval_at", "eval_batch_size", "device", "deterministic")
+# Fields added after sweeps were first recorded: at their defaults (the study's) they are left out of a
+# cell's key, so that the cells of a sweep recorded before them keep their keys and resume.
+LATER_FIELDS = ("attention", "augment", "augment_p", "augment_sigma", "augment_quality")
 
 
 def fmt_epochs(epochs: float) -> str:
@@ -48,14 +51,16 @@ class Cell:
     @property
     def key(self) -> str:
         """Stable id of the cell's config: what `--resume` matches MLflow runs on."""
-        d = {k: v for k, v in self.config.to_dict().items() if k not in RUNTIME_FIELDS}
+        defaults = TrainConfig().to_dict()
+        d = {k: v for k, v in self.config.to_dict().items()
+             if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == defaults[k])}
         d["epochs"] = float(d["epochs"])  # 10 and 10.0 are one cell
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def name(self) -> str:
         c = self.config
-        return f"srm={c.srm} ep={fmt_epochs(c.epochs)} lr={c.lr:g} seed={c.seed}"
+        return f"srm={c.srm}{_departures(c)} ep={fmt_epochs(c.epochs)} lr={c.lr:g} seed={c.seed}"
 
     def params(self) -> dict[str, Any]:
         """The cell's MLflow params, with integral numbers as integers."""
@@ -63,7 +68,17 @@ class Cell:
         return {k: plain_number(float(d[k]) if k == "epochs" else d[k]) for k in CELL_PARAMS}
 
 
-CELL_PARAMS = ("arch", "srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle")
+CELL_PARAMS = ("arch", "srm", "attention", "augment", "augment_p", "augment_sigma", "augment_quality", "epochs", "lr",
+               "seed", "momentum", "batch_size", "shuffle")
+
+
+def _departures(c: TrainConfig) -> str:
+    """The attention module and augmentation in a name where they are not the study's: ` att=se`,
+    ` aug=blur_jpeg p=0.5` (names of the study's cells are unchanged)."""
+    out = f" att={c.attention}" if c.attention != TrainConfig.attention and c.srm != "none" else ""
+    if c.augment != TrainConfig.augment:
+        out += f" aug={c.augment} p={c.augment_p:g}"
+    return out
 
 
 @dataclass(frozen=True)
@@ -92,7 +107,7 @@ class Trajectory:
     def label(self) -> str:
         """How plots and progress lines name the trajectory: `pool1 lr=0.001 seed=11`."""
         c = self.config
-        label = f"{c.srm} lr={c.lr:g} seed={c.seed}"
+        label = f"{c.srm}{_departures(c)} lr={c.lr:g} seed={c.seed}"
         if c.momentum != TrainConfig.momentum:
             label += f" m={c.momentum:g}"
         if c.batch_size != TrainConfig.batch_size:

@@ -21,8 +21,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fakedet.config import TRAIN_FIELDS, EvalPoint, LearningRate, Placement, Seed, TrainConfig, clipped, dense_eval_points, explain, joined, shown
+from fakedet.config import TRAIN_FIELDS, Attention, Augment, EvalPoint, LearningRate, Placement, Probability, Seed, TrainConfig, clipped, dense_eval_points, explain, joined, shown
 from fakedet.data.synthetic import SIZES, VARIANTS
+from fakedet.models import PLACEMENTS
 from fakedet.sweep.spec import Objective, Trajectory, TrialSpec
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
@@ -86,6 +87,14 @@ class AblationSpace(_Section):
 
     srm: Axis[Placement] = [TrainConfig.srm]
     """SRM placements (fakedet.models.PLACEMENTS): none = the study's base model, pool1 = its SRM model."""
+    attention: Axis[Attention] = [TrainConfig.attention]
+    """Attention modules at the placements' slots (fakedet.models.ATTENTIONS): srm = the study's. Placement
+    none has no module: its trajectories train once, with the study's module named."""
+    augment: Axis[Augment] = [TrainConfig.augment]
+    """Training-time augmentations (fakedet.augment): none = the study's, blur_jpeg = Wang et al. 2020."""
+    augment_p: Axis[Probability] = [TrainConfig.augment_p]
+    """blur_jpeg's probability per operation and image (Wang et al.: 0.5 and 0.1). Augmentation none has
+    no probability: its trajectories train once, with the default named."""
     epochs: Axis[PositiveInt] = [int(TrainConfig.epochs)]
     """Cell lengths; cells differing only here share one trajectory."""
     lr: Axis[LearningRate] = [TrainConfig.lr]
@@ -483,8 +492,11 @@ class Study:
             space = spec.space
             refuse.over("[space] seeds", space.seed_count, "seeds", limits.seeds, "seeds")
             refuse.over("[space] epochs", max(space.epochs), "epochs", limits.epochs, "epochs")
-            cells = len(space.srm) * len(space.lr) * space.seed_count * len(space.epochs)
-            refuse.over("[space]", cells, f"cells ({len(space.srm)} srm x {len(space.lr)} lr x {space.seed_count} seeds x "
+            conditions = len(self._conditions())
+            cells = conditions * len(space.lr) * space.seed_count * len(space.epochs)
+            shape = (f"{conditions} srm" if conditions == len(space.srm)
+                     else f"{conditions} conditions (srm x attention x augment x augment_p)")
+            refuse.over("[space]", cells, f"cells ({shape} x {len(space.lr)} lr x {space.seed_count} seeds x "
                         f"{len(space.epochs)} epochs)", limits.cells, "cells")
             if not refuse.parts:  # the points of a bounded grid: a few thousand at most
                 refuse.over("[budget] eval_at", len(self._ablation_points()), "evaluation points per trajectory (with the cells' "
@@ -513,7 +525,7 @@ class Study:
     def varied_fields(self) -> tuple[str, ...]:
         """Training-config fields the study sets per trial, never from `[fixed]`."""
         if isinstance(self.spec, AblationFile):
-            return ("srm", "lr", "epochs", "eval_at")
+            return ("srm", "attention", "augment", "augment_p", "lr", "epochs", "eval_at")
         return ("epochs", "eval_at", *self.spec.space)
 
     def _varied_by(self, key: str) -> str:
@@ -578,7 +590,8 @@ class Study:
 
     def _fixed(self) -> dict[str, Any]:
         """`[fixed]` resolved: every training-config field the study does not vary, at its value."""
-        return self.spec.fixed.model_dump(exclude=set(self.varied_fields()))
+        fixed = self.spec.fixed.model_dump(exclude=set(self.varied_fields()))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fixed.items()}  # as JSON records it
 
     # ---- trials --------------------------------------------------------------------------------
     def seeds(self) -> list[int]:
@@ -604,8 +617,21 @@ class Study:
         points.add(float(epochs))
         return points
 
+    def _conditions(self) -> list[dict[str, Any]]:
+        """The grid's (srm, attention, augment, augment_p) combinations, in the axes' order, each once: a
+        placement without a module (none) takes the study's module, augmentation none the default
+        probability, so that no two trajectories train the same model."""
+        space, seen = self.spec.space, {}
+        for srm, attention, augment, p in itertools.product(space.srm, space.attention, space.augment, space.augment_p):
+            if not PLACEMENTS[srm].slots:
+                attention = TrainConfig.attention
+            if augment == "none":
+                p = TrainConfig.augment_p
+            seen.setdefault((srm, attention, augment, p), None)
+        return [dict(zip(("srm", "attention", "augment", "augment_p"), key)) for key in seen]
+
     def trajectories(self) -> list[Trajectory]:
-        """The ablation grid's trajectories: one per (placement, lr, seed), its cells at every epoch count."""
+        """The ablation grid's trajectories: one per (condition, lr, seed), its cells at every epoch count."""
         if not isinstance(self.spec, AblationFile):
             raise StudyError(f"study {self.name!r} is a {self.kind} study, not an ablation grid")
         space = self.spec.space
@@ -616,8 +642,8 @@ class Study:
         if beyond:
             raise StudyError(f"{self.source}: [budget] eval_at: points {shown(beyond)} lie beyond the longest cell ({longest} epochs)")
         trajectories = []
-        for srm, lr, seed in itertools.product(space.srm, space.lr, self.seeds()):
-            cfg = self._train_config(srm=srm, lr=float(lr), seed=seed, epochs=longest, eval_at=tuple(sorted(points)))
+        for condition, lr, seed in itertools.product(self._conditions(), space.lr, self.seeds()):
+            cfg = self._train_config(**condition, lr=float(lr), seed=seed, epochs=longest, eval_at=tuple(sorted(points)))
             trajectories.append(Trajectory(cfg, tuple(cell_epochs)))
         return trajectories
 
