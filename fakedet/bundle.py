@@ -36,8 +36,8 @@ from torch.func import functional_call
 from fakedet.config import TrainConfig
 from fakedet.preprocess import preprocess
 
-SHARED_FIELDS = ("arch", "srm", "batch_size", "shuffle", "epochs", "eval_at", "device", "deterministic")
-"""Config fields every model of a bundle must share: they fix the network's shape, the steps and the
+SHARED_FIELDS = ("arch", "srm", "batch_size", "shuffle", "epochs", "eval_at", "device", "deterministic", "train_on")
+"""Config fields every model of a bundle must share: they fix the network's shape, the training set, the steps and the
 evaluation points, the device, and the process-wide GPU algorithm choice the loop runs under. lr, momentum
 and seed may differ; eval_batch_size (no effect on results) is the first config's."""
 

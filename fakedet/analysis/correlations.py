@@ -48,7 +48,7 @@ from scipy import stats
 from fakedet.analysis.resampling import FISHER, METHODS, Clusters, check_methods, correlate, fisher_z, t_mean
 from fakedet.analysis.summary import adjust
 
-SETTINGS = ("srm", "lr", "momentum", "batch_size")  # what makes a condition; seeds replicate it
+SETTINGS = ("srm", "lr", "train_on", "momentum", "batch_size")  # what makes a condition; seeds replicate it
 ALONG = ("transfer_change", "peak_lag", "within_correlation")
 
 COLUMNS = [

@@ -50,12 +50,14 @@ class Cell:
         """Stable id of the cell's config: what `--resume` matches MLflow runs on."""
         d = {k: v for k, v in self.config.to_dict().items() if k not in RUNTIME_FIELDS}
         d["epochs"] = float(d["epochs"])  # 10 and 10.0 are one cell
+        if d["train_on"] == TrainConfig.train_on:  # a sweep from before the field existed resumes onto the same runs
+            del d["train_on"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def name(self) -> str:
         c = self.config
-        return f"srm={c.srm} ep={fmt_epochs(c.epochs)} lr={c.lr:g} seed={c.seed}"
+        return f"srm={c.srm} ep={fmt_epochs(c.epochs)} lr={c.lr:g} seed={c.seed}" + _train_on_suffix(c)
 
     def params(self) -> dict[str, Any]:
         """The cell's MLflow params, with integral numbers as integers."""
@@ -63,7 +65,13 @@ class Cell:
         return {k: plain_number(float(d[k]) if k == "epochs" else d[k]) for k in CELL_PARAMS}
 
 
-CELL_PARAMS = ("arch", "srm", "epochs", "lr", "seed", "momentum", "batch_size", "shuffle")
+CELL_PARAMS = ("arch", "srm", "epochs", "lr", "seed", "train_on", "momentum", "batch_size", "shuffle")
+
+
+def _train_on_suffix(config: TrainConfig) -> str:
+    """` train=agiri` for a model trained on another set than the study's CIFAKE; nothing for CIFAKE, so
+    the study's names stay as they were."""
+    return "" if config.train_on == TrainConfig.train_on else f" train={config.train_on}"
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class Trajectory:
     def label(self) -> str:
         """How plots and progress lines name the trajectory: `pool1 lr=0.001 seed=11`."""
         c = self.config
-        label = f"{c.srm} lr={c.lr:g} seed={c.seed}"
+        label = f"{c.srm} lr={c.lr:g} seed={c.seed}" + _train_on_suffix(c)
         if c.momentum != TrainConfig.momentum:
             label += f" m={c.momentum:g}"
         if c.batch_size != TrainConfig.batch_size:
