@@ -666,8 +666,7 @@ def transfer_matrix(results: SweepResults, rules: Sequence[str] = ("transfer_val
     if image is not None:
         fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.8, label="ROC AUC; CIFAR-100: share predicted REAL")
     level = int(round(100 * float(matrix["confidence"].iloc[0])))
-    fig.suptitle(f"{results.name}: transfer matrix, training set × test set
-unit: ROC AUC (CIFAR-100, all real: share predicted "
+    fig.suptitle(f"{results.name}: transfer matrix, training set × test set\nunit: ROC AUC (CIFAR-100, all real: share predicted "
                  f"REAL at 0.5); mean over trajectories (seeds) [{level}% t interval, df = n − 1], n per cell", fontsize=10)
     return fig
 

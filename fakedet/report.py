@@ -232,13 +232,13 @@ def _ci(low: float, high: float, digits: int = 3) -> str:
 # long notes once below (fakedet.console.table); the full tables are the analysis/ artifacts.
 def cells_text(summary: pd.DataFrame, metrics: list[str], n_models: int, n_trajectories: int) -> str:
     """The cells over seeds (`analysis.cells_summary`): one row per condition, `mean ± std` per metric."""
-    table = summary[["srm", "cell_epochs", "lr", "n_seeds"]].copy()
+    table = summary[[c for c in ("srm", "cell_epochs", "lr", "train_on", "n_seeds") if c in summary]].copy()
     table["cell_epochs"] = table["cell_epochs"].map(plain_number)
     for m in metrics:
         table[m] = [_mean_std(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
     return text_table(table.rename(columns={"cell_epochs": "epochs"}),
                       f"\ncells: mean ± std over seeds (unit: model; n_seeds per row; {n_models} models in "
-                      f"{n_trajectories} trajectories):", keys=["srm", "epochs", "lr"])  # fmt: skip
+                      f"{n_trajectories} trajectories):", keys=[k for k in ("srm", "epochs", "lr", "train_on") if k in table])  # fmt: skip
 
 
 def exploratory_text(corr: pd.DataFrame) -> str:
@@ -404,7 +404,7 @@ def cells_table(results: SweepResults) -> pd.DataFrame | None:
     summary = analysis_table(results, "cells_summary.csv")
     if summary is None:
         return None
-    table = summary[[c for c in ("srm", "cell_epochs", "lr", "n_seeds") if c in summary]].copy()
+    table = summary[[c for c in ("srm", "cell_epochs", "lr", "train_on", "n_seeds") if c in summary]].copy()
     if "cell_epochs" in table:
         table["cell_epochs"] = table["cell_epochs"].map(plain_number)
     for m in SUMMARY_COLUMNS:
