@@ -109,6 +109,10 @@ Shuffle = Literal["reference", "full"]
 SHUFFLE_MODES = typing.get_args(Shuffle)
 # numpy's seed sequences take non-negative integers, torch.manual_seed at most 64 bits
 Seed = Annotated[int, BeforeValidator(_integer), Field(ge=0, lt=2**64)]
+# What a model trains on: the study's CIFAKE, AGIRI's training split at 32 px (without the held-out
+# agiri_val), or both in equal shares (fakedet.data.training holds which cached sets each one is)
+TrainOn = Literal["cifake", "agiri", "cifake+agiri"]
+TRAIN_ON = typing.get_args(TrainOn)
 EvalPoint = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 EvalPoints = Annotated[tuple[EvalPoint, ...], BeforeValidator(_as_tuple)]
 EvalBatchSize = Annotated[int, Field(gt=0)]
@@ -151,6 +155,10 @@ class TrainConfig:
     there). `full`: a fresh permutation of all items every epoch, last partial batch kept."""
     seed: Seed = 11
     """Seeds the initial weights and every shuffle. 11 is the seed of the study's one-time data shuffle."""
+    train_on: TrainOn = "cifake"
+    """The training set: `cifake` (the study's), `agiri` (AGIRI train decoded at 32 px, less the held-out
+    transfer-validation split agiri_val), or `cifake+agiri` (equal numbers of each source and class,
+    `fakedet.data.training`). Every model is evaluated on every set whatever it trained on."""
     eval_at: EvalPoints = ()
     """Epochs (fractions allowed, e.g. 0.05, 0.25, 1, 10) at which every evaluation set is scored.
     The end of training is always an evaluation point."""
@@ -258,7 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mini": {"srm": "none", "epochs": 1},
 }
 
-__all__ = ["TrainConfig", "TRAIN_FIELDS", "SHUFFLE_MODES", "PRESETS", "clipped", "dense_eval_points", "explain", "joined", "shown"]
+__all__ = ["TrainConfig", "TRAIN_FIELDS", "TRAIN_ON", "SHUFFLE_MODES", "PRESETS", "clipped", "dense_eval_points", "explain", "joined", "shown"]
 
 
 def default_cache_root() -> str:

@@ -46,7 +46,7 @@ def _cell_frame(results: SweepResults) -> pd.DataFrame:
     cells = results.finished_cells()
     keys = pd.DataFrame({"srm": cells.get("srm"), "epochs": cells.get("cell_epochs"), "lr": cells.get("lr"),
                          "seed": cells.get("seed")}, index=cells.index)
-    for extra in ("attention", "augment", "augment_p", "momentum", "batch_size"):
+    for extra in ("attention", "augment", "augment_p", "train_on", "momentum", "batch_size"):
         if extra in cells and cells[extra].nunique(dropna=True) > 1:
             keys[extra] = cells[extra]
     return keys
@@ -188,7 +188,7 @@ BAND_ALPHA = 0.18
 EPOCH_TICKS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 MAX_EPOCH_TICKS = 7
 # The grid factors that make a condition; seeds are its replicates.
-CONDITION_COLUMNS = ("srm", "attention", "augment", "augment_p", "lr", "momentum", "batch_size")
+CONDITION_COLUMNS = ("srm", "attention", "augment", "augment_p", "lr", "train_on", "momentum", "batch_size")
 # What each metric measures, for axis labels (the unit of the y axis)
 METRIC_UNITS = {"acc": "accuracy, fraction correct", "auc": "ROC AUC", "ap": "average precision", "f1": "F1 of REAL",
                 "f1_macro": "macro F1", "loss": "BCE, nats per image", "real_recall": "fraction predicted REAL"}
@@ -329,7 +329,7 @@ def _condition_columns(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def _condition_label(row: pd.Series, varying: Sequence[str]) -> str:
-    short = {"attention": "att", "augment": "aug", "augment_p": "p", "momentum": "m", "batch_size": "bs"}
+    short = {"attention": "att", "augment": "aug", "augment_p": "p", "momentum": "m", "batch_size": "bs", "train_on": "train"}
     shown = lambda v: v if isinstance(v, str) else f"{v:g}"  # noqa: E731
     return f"{row['srm']} lr={float(row['lr']):g}" + "".join(f" {short[c]}={shown(row[c])}" for c in varying)
 
@@ -620,6 +620,57 @@ def cutoff_curves(results: SweepResults, metrics: Sequence[str] | None = None) -
     return fig
 
 
+def transfer_matrix_table(results: SweepResults) -> pd.DataFrame:
+    """Every training set against every test set (the parent run's `analysis/transfer_matrix.csv`,
+    `fakedet.analysis.transfer_matrix`): per condition and point (`at`: `epochs=<E>`, or `rule=<rule>` for
+    the point each cutoff rule chose), the mean over trajectories (seeds) with its t interval and n."""
+    return _analysis_artifact(results, "transfer_matrix.csv")
+
+
+def _matrix_order(at: str) -> tuple:
+    kind, _, value = at.partition("=")
+    return (0, float(value), "") if kind == "epochs" else (1, 0.0, value)
+
+
+def transfer_matrix(results: SweepResults, rules: Sequence[str] = ("transfer_val", "intrinsic_val_loss")) -> Figure:
+    """The transfer matrix as heatmaps: a panel per cell length and per cutoff rule in `rules` (at the point
+    it chose in each trajectory); rows the training sets (and any other setting the sweep varies), columns
+    the test sets; each cell the mean over trajectories with its t interval and n. Colour: the value, 0.5
+    (chance for an AUC) white."""
+    matrix = transfer_matrix_table(results)
+    matrix = matrix[matrix["at"].str.startswith("epochs=") | matrix["at"].isin([f"rule={r}" for r in rules])]
+    if matrix.empty:
+        raise ValueError("the transfer matrix has no rows")
+    keys = [c for c in matrix.columns if c not in ("at", "test_set", "metric", "mean", "sd", "ci_low", "ci_high",
+                                                     "n_trajectories", "confidence", "unit", "method")]
+    matrix = matrix.assign(row=matrix[keys].astype(str).agg(" ".join, axis=1), column=matrix["test_set"] + "\n" + matrix["metric"])
+    rows, columns = list(dict.fromkeys(matrix["row"])), list(dict.fromkeys(matrix["column"]))
+    panels = sorted(matrix["at"].unique(), key=_matrix_order)
+    fig, axes = _panel_grid(len(panels), 2, 1.5 * len(columns) + 1.6, 0.75 * len(rows) + 1.4, legend_height=0.2)
+    image = None
+    for ax, at in zip(axes, panels):
+        part = matrix[matrix["at"] == at].set_index(["row", "column"])
+        grid = np.full((len(rows), len(columns)), np.nan)
+        for i, r in enumerate(rows):
+            for j, c in enumerate(columns):
+                if (r, c) in part.index:
+                    row = part.loc[(r, c)]
+                    grid[i, j] = row["mean"]
+                    ci = (f"\n[{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if np.isfinite(row["ci_low"]) else "\nno interval")
+                    ax.text(j, i, f"{row['mean']:.2f}{ci}\nn={int(row['n_trajectories'])}", ha="center", va="center", fontsize=8)
+        image = ax.imshow(grid, cmap="RdBu", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, fontsize=8)
+        ax.set_yticks(range(len(rows)), [f"train {r}" for r in rows], fontsize=LEGEND_PT)
+        ax.set_title(at.replace("=", " = ").replace("rule = ", "at the point chosen by ").replace("epochs = ", "after ") + (" epochs" if at.startswith("epochs") else ""),
+                     fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.8, label="ROC AUC; CIFAR-100: share predicted REAL")
+    level = int(round(100 * float(matrix["confidence"].iloc[0])))
+    fig.suptitle(f"{results.name}: transfer matrix, training set × test set\nunit: ROC AUC (CIFAR-100, all real: share predicted "
+                 f"REAL at 0.5); mean over trajectories (seeds) [{level}% t interval, df = n − 1], n per cell", fontsize=10)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------------
 # where the detectors look (fakedet.explain's maps and shares)
 # ---------------------------------------------------------------------------------------------------
@@ -731,6 +782,7 @@ VIEWS: dict[str, Callable[[SweepResults], pd.DataFrame | Figure]] = {
     "cutoff_curves.png": cutoff_curves,
     "seed_spread_agiri_test_auc.png": seed_spread,
     "explain_cifake_test.png": explain_view,
+    "transfer_matrix.png": transfer_matrix,
 }
 
 
@@ -765,5 +817,6 @@ def log_figures(results: SweepResults, client, parent_run_id: str, artifact_path
 __all__ = [
     "table2", "table3", "table4", "labelled_table", "best_worst", "correlation_table", "cells_summary", "variance_table",
     "cutoff_summary", "cutoff_comparison", "seed_spread", "explain_view", "explain_metric",
+    "cutoff_summary", "cutoff_comparison", "seed_spread", "transfer_matrix", "transfer_matrix_table",
     "figure4", "figure5", "figure5_cells", "transfer_scatter", "cutoff_curves", "cutoff_metrics", "log_figures", "VIEWS",
 ]

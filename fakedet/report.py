@@ -27,6 +27,7 @@ from mlflow.entities import Metric
 
 from fakedet.console import say, table as text_table, wrap
 from fakedet import analysis
+from fakedet.analysis import roles
 from fakedet.figures import VIEWS, explain_metric, log_figures
 from fakedet.results import SweepResults, next_analysis, no_progress_bar, points_from_mlflow
 from fakedet.sweep.spec import plain_number
@@ -68,12 +69,23 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     results = SweepResults(client.get_run(tracking.parent_run_id), cells, points, client, analysis=version)
     record = {**record, "study": study.sections(), "analysis": _analysis_entry(results, study, origin)}
     finished = results.finished_cells()
-    intrinsic, transfer = list(study.metrics.intrinsic), list(study.metrics.transfer)
-    opts, cut = study.statistics, study.cutoff
+    # roles (`intrinsic_test/acc`) resolved from the training sets the sweep's cells trained on: set names
+    # where they all give one, else a column per role (fakedet.analysis.roles)
+    train_ons = roles.train_ons_of(cells)
+    named = lambda m: roles.concrete(m, train_ons)  # noqa: E731
+    intrinsic, transfer = [named(m) for m in study.metrics.intrinsic], [named(m) for m in study.metrics.transfer]
+    opts, raw_cut = study.statistics, study.cutoff
+    cut = raw_cut.model_copy(update={"select_on": named(raw_cut.select_on), "intrinsic_loss": named(raw_cut.intrinsic_loss),
+                                     "intrinsic_acc": named(raw_cut.intrinsic_acc), "report": [named(m) for m in raw_cut.report]})
+    trained_metric = named(opts.trained_metric)
+    every_name = [*intrinsic, *transfer, cut.select_on, cut.intrinsic_loss, cut.intrinsic_acc, *cut.report, trained_metric]
+    matrix_cells, matrix_points = finished, points  # with train_on, for the transfer matrix
+    finished, points, cells = (_one_training_set(roles.with_role_columns(f, every_name), train_ons) for f in (finished, points, cells))
     shown_metrics = [c for c in SUMMARY_COLUMNS if c in finished]
+    condition = (*analysis.summary.CONDITION, "train_on") if "train_on" in finished else analysis.summary.CONDITION
 
     # 1. each cell condition over its seeds
-    summary = analysis.cells_summary(finished, list(dict.fromkeys([*SUMMARY_COLUMNS, *intrinsic, *transfer, *cut.report])))
+    summary = analysis.cells_summary(finished, list(dict.fromkeys([*SUMMARY_COLUMNS, *intrinsic, *transfer, *cut.report])), by=condition)
     n_traj = finished["trajectory"].nunique()
     say(cells_text(summary, shown_metrics, len(finished), n_traj))
     pruned = cells[cells["status"] == "KILLED"] if "status" in cells else cells.iloc[0:0]
@@ -97,7 +109,7 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     corr = analysis.correlation_table(finished, points, intrinsic, transfer, primary_along=primary.along_training,
                                       primary_method=primary.correlation, change_between=primary.change_between,
                                       n_boot=opts.n_boot, seed=opts.seed, confidence=opts.confidence,
-                                      trained_threshold=opts.trained_threshold, trained_metric=opts.trained_metric)
+                                      trained_threshold=opts.trained_threshold, trained_metric=trained_metric)
     metrics: dict[str, float] = {"headline/n_models": float(len(finished)), "headline/n_trajectories": float(n_traj)}
     headlines = analysis.primary_rows(corr)
     say("\nheadlines (pre-registered in [statistics.primary]; unit: trajectory; p Holm-adjusted over these):")
@@ -107,7 +119,7 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     say(exploratory_text(corr))
 
     # 3. which factor matters
-    factors = [f for f in ("srm", "attention", "augment", "augment_p", "cell_epochs", "lr", "seed", "momentum", "batch_size")
+    factors = [f for f in ("srm", "attention", "augment", "augment_p", "cell_epochs", "lr", "train_on", "seed", "momentum", "batch_size")
                if f in finished]
     variance = pd.concat([analysis.variance_decomposition(finished, m, factors).assign(metric=m)
                           for m in transfer if m in finished], ignore_index=True) if len(finished) else pd.DataFrame()
@@ -142,8 +154,12 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
         metrics.update({f"{base}/mean_diff": row.get("mean_diff"), f"{base}/ci_low": row.get("ci_low"),
                         f"{base}/ci_high": row.get("ci_high"), f"{base}/p_adjusted": row.get("p_adjusted")})
 
+    # 5. every training set against every test set, at each cell length and at each rule's chosen point
+    matrix = analysis.transfer_matrix(matrix_cells, matrix_points, cutoffs, confidence=opts.confidence)
+    say(transfer_matrix_text(matrix))
+
     tables = {"cells": finished, "points": points, "cells_summary": summary, "correlations": corr, "variance": variance,
-              "cutoffs": cutoffs, "cutoff_summary": cut_summary, "cutoff_comparison": comparison}
+              "cutoffs": cutoffs, "cutoff_summary": cut_summary, "cutoff_comparison": comparison, "transfer_matrix": matrix}
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     _log_analysis(results, {**tables, "metrics": pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())})},
                   record)
@@ -153,6 +169,41 @@ def analyse_sweep(tracking: SweepTracking, study: Study, cell_epochs, record: di
     _log_report(results, tracking.uri)
     _say_written(results, tracking.uri)
     return 0
+
+
+def _one_training_set(frame: pd.DataFrame, train_ons: list[str]) -> pd.DataFrame:
+    """A table of one training set without its `train_on` column: the study's tables as they always were."""
+    return frame.drop(columns="train_on") if len(train_ons) == 1 and "train_on" in frame else frame
+
+
+def matrix_cell(row: dict | pd.Series) -> str:
+    """One entry of the transfer matrix: `0.712 [0.650, 0.774] n=3` (no interval from one trajectory)."""
+    if not math.isfinite(row["mean"]):
+        return "-"
+    return f"{row['mean']:.3f} {_ci(row['ci_low'], row['ci_high']).replace('+', '')} n={int(row['n_trajectories'])}".replace(" - ", " ")
+
+
+def transfer_matrix_wide(matrix: pd.DataFrame) -> pd.DataFrame:
+    """The transfer matrix as a grid: one row per (point, condition), one column per `<test set>/<metric>`."""
+    if matrix.empty:
+        return matrix
+    keys = [c for c in matrix.columns if c not in ("at", "test_set", "metric", "mean", "sd", "ci_low", "ci_high",
+                                                     "n_trajectories", "confidence", "unit", "method")]
+    table = matrix.assign(column=matrix["test_set"] + "/" + matrix["metric"], text=[matrix_cell(r) for r in matrix.to_dict("records")])
+    wide = table.pivot_table(index=["at", *keys], columns="column", values="text", aggfunc="first", sort=False)
+    wide = wide.reindex(columns=list(dict.fromkeys(table["column"])))
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+def transfer_matrix_text(matrix: pd.DataFrame) -> str:
+    """The transfer matrix printed: mean [t interval] n per training set and test set."""
+    if matrix.empty:
+        return "\nno transfer matrix: no finished cell"
+    level = int(round(100 * float(matrix["confidence"].iloc[0])))
+    return text_table(transfer_matrix_wide(matrix), f"\ntransfer matrix: every training set on every test set, mean over "
+                      f"trajectories (seeds) [{level}% t interval] n; ROC AUC, CIFAR-100: share predicted REAL "
+                      "(unit: trajectory):", keys=["at", "train_on"])
 
 
 def _mean_std(mean: float, std: float) -> str:
@@ -182,14 +233,14 @@ def _ci(low: float, high: float, digits: int = 3) -> str:
 # long notes once below (fakedet.console.table); the full tables are the analysis/ artifacts.
 def cells_text(summary: pd.DataFrame, metrics: list[str], n_models: int, n_trajectories: int) -> str:
     """The cells over seeds (`analysis.cells_summary`): one row per condition, `mean ± std` per metric."""
-    table = summary[[c for c in ("srm", *analysis.summary.AXES, "cell_epochs", "lr", "n_seeds") if c in summary]].copy()
+    table = summary[[c for c in ("srm", *analysis.summary.AXES, "cell_epochs", "lr", "train_on", "n_seeds") if c in summary]].copy()
     table["cell_epochs"] = table["cell_epochs"].map(plain_number)
     for m in metrics:
         table[m] = [_mean_std(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
     return text_table(table.rename(columns={"cell_epochs": "epochs"}),
                       f"\ncells: mean ± std over seeds (unit: model; n_seeds per row; {n_models} models in "
                       f"{n_trajectories} trajectories):",
-                      keys=[c for c in ("srm", *analysis.summary.AXES, "epochs", "lr") if c in table or c == "epochs"])  # fmt: skip
+                      keys=[c for c in ("srm", *analysis.summary.AXES, "epochs", "lr", "train_on") if c in table or c == "epochs"])  # fmt: skip
 
 
 def exploratory_text(corr: pd.DataFrame) -> str:
@@ -317,7 +368,8 @@ def _say_written(results: SweepResults, tracking_uri: str) -> None:
 
 
 # the text columns of the analysis tables: a CSV round trip reads an empty one as NaN
-_TEXT_COLUMNS = ("note", "adjustment", "test", "label", "epochs", "role", "scope", "estimand", "method", "rule", "baseline")
+_TEXT_COLUMNS = ("note", "adjustment", "test", "label", "epochs", "role", "scope", "estimand", "method", "rule", "baseline", "at",
+                 "test_set", "unit", "train_on")
 
 
 def analysis_table(results: SweepResults, name: str) -> pd.DataFrame | None:
@@ -354,7 +406,7 @@ def cells_table(results: SweepResults) -> pd.DataFrame | None:
     summary = analysis_table(results, "cells_summary.csv")
     if summary is None:
         return None
-    table = summary[[c for c in ("srm", *analysis.summary.AXES, "cell_epochs", "lr", "n_seeds") if c in summary]].copy()
+    table = summary[[c for c in ("srm", *analysis.summary.AXES, "cell_epochs", "lr", "train_on", "n_seeds") if c in summary]].copy()
     if "cell_epochs" in table:
         table["cell_epochs"] = table["cell_epochs"].map(plain_number)
     for m in SUMMARY_COLUMNS:
@@ -484,6 +536,12 @@ def render_report(results: SweepResults, tracking_uri: str) -> str:
                  "activations the logit's gradient weighs, not a causal mechanism; the stand-in's object masks say "
                  "nothing about real images. Maps: figures/explain_cifake_test.png and each cell's explain/ artifacts</p>")
     parts.append(_html_table(explain_table(results), "this sweep logged no Grad-CAM shares (budget.explain off, or an older sweep)"))
+    parts.append("<h2 id='transfer'>Transfer matrix</h2><p class='note'>every training set on every test set: mean over "
+                 "trajectories (seeds) [t interval over trajectories, df = n − 1] n, after each cell length and at the point "
+                 "each cutoff rule chose; ROC AUC, CIFAR-100 (all real): share predicted REAL; unit: trajectory</p>")
+    matrix = analysis_table(results, "transfer_matrix.csv")
+    parts.append(_html_table(None if matrix is None else transfer_matrix_wide(matrix), "this analysis has no transfer_matrix.csv",
+                             keep=("at", "train_on")))
 
     parts.append("<h2 id='figures'>Figures</h2>")
     figures = _figures(results)

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from fakedet.config import TrainConfig
+from fakedet.analysis.roles import DEFAULT_TRAIN_ON
 from fakedet.sweep.tags import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRAJECTORY, TAG_TRIAL
 
 
@@ -20,7 +21,8 @@ def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[
     """(points, cells): every evaluation point of every trajectory, and every cell's final values.
 
     A trajectory's points are the metric history of its longest cell's run; `trajectory` names it
-    `srm lr seed` (its cells' `fakedet.trajectory` tag).
+    `srm lr seed` (its cells' `fakedet.trajectory` tag). `train_on` is the cell's training set (a sweep
+    from before it was recorded: `cifake`, the study's).
     """
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
                               max_results=50000)
@@ -37,7 +39,9 @@ def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[
                "momentum": float(p.get("momentum", "nan")), "batch_size": int(p.get("batch_size", -1)),
                # a sweep recorded before the attention and augmentation axes trained the study's
                "attention": p.get("attention", TrainConfig.attention), "augment": p.get("augment", TrainConfig.augment),
-               "augment_p": float(p.get("augment_p", TrainConfig.augment_p)), **run.data.metrics}
+               "augment_p": float(p.get("augment_p", TrainConfig.augment_p)),
+               # a sweep from before the training set was a param trained on CIFAKE, the study's
+               "train_on": p.get("train_on", DEFAULT_TRAIN_ON), **run.data.metrics}
         cells.append(row)
         best = by_trajectory.get(row["trajectory"])
         if best is None or row["cell_epochs"] > best[1]["cell_epochs"]:
@@ -49,7 +53,7 @@ def points_from_mlflow(client, experiment_id: str, parent_run_id: str) -> tuple[
             for m in client.get_metric_history(run.info.run_id, key):
                 series.setdefault(m.step, {})[key] = m.value
         frame = pd.DataFrame.from_dict(series, orient="index").rename_axis("step").reset_index().sort_values("step")
-        for k in ("trajectory", "srm", "attention", "augment", "augment_p", "lr", "seed", "momentum", "batch_size"):
+        for k in ("trajectory", "srm", "attention", "augment", "augment_p", "lr", "seed", "train_on", "momentum", "batch_size"):
             frame[k] = row[k]
         frames.append(frame)
     points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -157,7 +161,8 @@ class SweepResults:
         if "status" not in self.cells:  # no cell runs at all
             return pd.DataFrame(columns=["run_id", "run_name", "status", "trajectory", "srm", "lr", "seed", "cell_epochs"])
         done = self.cells[self.cells["status"] == "FINISHED"]
-        return done.sort_values(["srm", "lr", "seed", "cell_epochs"], kind="stable").reset_index(drop=True)
+        order = ["srm", "lr", *(["train_on"] if "train_on" in done else []), "seed", "cell_epochs"]
+        return done.sort_values(order, kind="stable").reset_index(drop=True)
 
     def artifact_table(self, run_id: str, name: str, **read_csv: Any) -> pd.DataFrame:
         """A CSV artifact of a run (e.g. a cell's `cifake_test_thresholds.csv`, the parent's

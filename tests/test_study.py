@@ -281,7 +281,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_up_front():
 
 def test_recorded_fixed_holds_what_no_trial_varies():
     sections = Study.load("ablation").sections()
-    assert set(sections["fixed"]) == set(TRAIN_FIELDS.model_fields) - {"srm", "attention", "augment", "augment_p", "lr", "epochs", "eval_at"}
+    assert set(sections["fixed"]) == set(TRAIN_FIELDS.model_fields) - {"srm", "attention", "augment", "augment_p", "lr", "train_on", "epochs", "eval_at"}
     assert sections["fixed"]["momentum"] == TrainConfig.momentum and "limits" in sections
     hpo = Study.load("hpo").sections()
     assert not set(hpo["fixed"]) & (set(hpo["space"]) | {"epochs", "eval_at"})

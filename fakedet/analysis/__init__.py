@@ -10,6 +10,8 @@ notebook can call them on any table with the documented columns.
 - `variance_decomposition` (variance.py): each factor's share of a metric's variance.
 - `cells_summary`, `adjust`, `headline` (summary.py): seeds per condition, multiplicity, headlines.
 - `correlate`, `fisher_z`, `t_mean` (resampling.py): the engines.
+- `transfer_matrix` (transfer.py): every training set against every test set, over seeds.
+- `roles` (roles.py): `intrinsic_val/...`, `transfer_test/...` resolved per trajectory from its train_on.
 - `simulate` (simulate.py): result tables whose truth is known, to check a method's calibration.
 """
 
@@ -24,10 +26,11 @@ from fakedet.analysis.cutoffs import (
 )
 from fakedet.analysis.resampling import METHODS, correlate, fisher_z, t_mean
 from fakedet.analysis.summary import adjust, cells_summary, headline
+from fakedet.analysis.transfer import transfer_matrix
 from fakedet.analysis.variance import variance_decomposition
 
 __all__ = [
     "METHODS", "adjust", "cells_summary", "comparison_headline", "correlate", "correlation_table", "cutoff_summary",
     "cutoff_table", "fisher_z", "headline", "paired_t", "patience_stop", "primary_rows", "rule_comparison", "t_mean",
-    "variance_decomposition",
+    "transfer_matrix", "variance_decomposition",
 ]  # fmt: skip

@@ -48,7 +48,7 @@ from scipy import stats
 from fakedet.analysis.resampling import FISHER, METHODS, Clusters, check_methods, correlate, fisher_z, t_mean
 from fakedet.analysis.summary import adjust
 
-SETTINGS = ("srm", "attention", "augment", "augment_p", "lr", "momentum", "batch_size")  # what makes a condition; seeds replicate it
+SETTINGS = ("srm", "attention", "augment", "augment_p", "lr", "train_on", "momentum", "batch_size")  # what makes a condition; seeds replicate it
 ALONG = ("transfer_change", "peak_lag", "within_correlation")
 
 COLUMNS = [
@@ -82,7 +82,9 @@ def within_conditions(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
     sums = np.einsum("...tl,tc->...cl", np.where(finite, v, 0.0), onehot)
     counts = np.einsum("...tl,tc->...cl", finite.astype(float), onehot)
     with np.errstate(all="ignore"):
-        means = np.einsum("...cl,tc->...tl", sums / counts, onehot)
+        # a condition with no value at a length has no mean there: 0, not NaN, which the product with the
+        # other conditions' zeros would spread to every trajectory (a training set without transfer metrics)
+        means = np.einsum("...cl,tc->...tl", np.where(counts > 0, sums / counts, 0.0), onehot)
     enough = np.einsum("...cl,tc->...tl", (counts >= 2).astype(float), onehot) > 0
     return np.where(finite & enough, v - means, np.nan)
 

@@ -48,7 +48,7 @@ def _split(metric: str) -> str:
     return metric.split("/", 1)[0]
 
 
-GROUP_COLUMNS = ("srm", "attention", "augment", "augment_p", "lr", "seed", "momentum", "batch_size")
+GROUP_COLUMNS = ("srm", "attention", "augment", "augment_p", "lr", "seed", "train_on", "momentum", "batch_size")
 
 
 def cutoff_table(

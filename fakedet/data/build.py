@@ -17,7 +17,6 @@ import platform
 import sys
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +110,7 @@ def prepare(
             "format": FORMAT,
             "cache_hash": digest({k: v["content"] for k, v in sets.items()})[:12],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "options": asdict(options),
+            "options": options.record(),
             "datasets": datasets,
             "sets": sets,
             "versions": _versions(),
@@ -207,7 +206,7 @@ def _same(old: dict, sets: dict, datasets: dict, options: PrepareOptions) -> boo
         return {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in d.items()}
 
     return norm([old.get("sets"), old.get("options"), strip(old.get("datasets", {}))]) == norm(
-        [sets, asdict(options), strip(datasets)]
+        [sets, options.record(), strip(datasets)]
     )
 
 

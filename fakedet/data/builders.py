@@ -5,6 +5,8 @@
     cifake-test    cifake_test               key: files + decode options
     agiri-val      agiri_val, a sample of AGIRI train (only the sample is decoded)
                                              key: train files + decode options + size + seed
+    agiri-train    agiri_train, AGIRI train less the agiri_val rows (only with `agiri_train`)
+                                             key: train files + decode options + agiri-val's key
     agiri-test     agiri_test                key: files + decode options
     cifar100-test  cifar100_test             key: the pickles (path, size, mtime)
     cifar100-jpeg  cifar100_test_jpeg        key: cifar100-test + JPEG quality
@@ -189,6 +191,41 @@ def agiri_val_unit(
     return rel, info
 
 
+def agiri_train_unit(
+    store: UnitStore, root: Path, val_rel: str, val: dict, opts: PrepareOptions, workers: int | None, show_progress: bool,
+    standin: bool = False,
+) -> tuple[str, dict]:
+    """AGIRI train at 32 px without the rows of agiri_val (`val_rel`, `val`: its unit), which stays held out:
+    the training set of `train_on = "agiri"`. Decodes every train file but the sample's."""
+    listing = list_split("agiri", root, "train")
+    dec = opts.decode()
+    key = digest(FORMAT, DECODE_VERSION, SPLIT_VERSION, "agiri-train", stat_fingerprint(root, listing.relpaths),
+                 dec.to_dict(), val["key"])
+
+    def build(tmp: Path) -> dict:
+        held = set(str(p) for p in store.read(val_rel, "agiri_val")[2])
+        rows = [i for i, rel in enumerate(listing.relpaths) if rel not in held]
+        rels = [listing.relpaths[i] for i in rows]
+        d = decode_files(root, rels, dec, workers=workers, desc="agiri/train (less agiri_val)", show_progress=show_progress)
+        kept = [rows[k] for k in d.kept]
+        counts = save_set(tmp, "agiri_train", np.asarray(d.images).reshape(-1, SIZE, SIZE, 3), listing.labels[kept],
+                          [listing.relpaths[i] for i in kept])
+        return {
+            "sets": {"agiri_train": counts},
+            "files": len(rels),
+            "held_out": len(held),
+            "skipped": _skips(rels, d.skipped),
+            "ignored": listing.ignored,
+            "content": digest(content_digest(rels, d.digests), dec.to_dict(), DECODE_VERSION, SPLIT_VERSION, val["content"]),
+            "decode_seconds": round(d.seconds, 3),
+            "images_per_second": round(len(rels) / max(d.seconds, 1e-9), 1),
+        }
+
+    rel, info = store.unit("agiri-train", key, build)
+    store.warn_skips("agiri/train (less agiri_val)", info, DELIBERATE_CORRUPT if standin else ())
+    return rel, info
+
+
 def cifake_split_unit(store: UnitStore, parent_rel: str, parent: dict, opts: PrepareOptions) -> tuple[str, dict]:
     key = digest(FORMAT, SPLIT_VERSION, parent["key"], opts.val_fraction, opts.seed)
 
@@ -308,6 +345,14 @@ def image_folder_entry(
             "agiri_val_size": options.agiri_val_size,
             "seed": options.seed,
         }
+        if options.agiri_train:
+            at_rel, at = agiri_train_unit(store, root, tr_rel, tr, options, workers, show_progress, standin)
+            made.append((at_rel, at, {}))
+            counts = at["sets"]["agiri_train"]
+            entry["options"]["agiri_train"] = True
+            entry["agiri_train"] = {"real": counts["real"], "fake": counts["fake"], "skipped": at["skipped"],
+                                    "files": at["files"], "held_out_as_agiri_val": at["held_out"],
+                                    "decode_seconds": at["decode_seconds"]}
         train_set = "agiri_val"
     te_rel, te = image_folder_unit(store, ds, root, "test", options, workers, show_progress, standin)
     made.append((te_rel, te, {}))

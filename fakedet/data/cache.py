@@ -27,6 +27,7 @@ SET_NAMES = (
     "cifake_train",
     "cifake_val",
     "cifake_test",
+    "agiri_train",
     "agiri_val",
     "agiri_test",
     "cifar100_test",
@@ -64,7 +65,7 @@ def read_set(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def load_splits(cache_dir: str | Path) -> dict[str, ImageSet]:
     """Every set in a prepared cache, memory-mapped: cifake_train, cifake_val, cifake_test,
-    agiri_val, agiri_test, cifar100_test and (when prepared) cifar100_test_jpeg.
+    agiri_val, agiri_test, cifar100_test and (when prepared) cifar100_test_jpeg and agiri_train.
 
     A cache prepared with `--only` holds the sets of those datasets alone.
     """

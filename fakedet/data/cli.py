@@ -100,6 +100,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         help=f"images sampled from AGIRI train as agiri_val (default {d.agiri_val_size})",
     )
     g.add_argument("--split-seed", type=int, default=d.seed, help=f"seed of both held-out splits (default {d.seed})")
+    g.add_argument("--agiri-train", action="store_true",
+                   help="also decode AGIRI train less agiri_val as agiri_train (to train on AGIRI: train_on = agiri)")
     g.add_argument(
         "--no-cifar100-jpeg",
         dest="cifar100_jpeg",
@@ -133,6 +135,7 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
         jpeg_quality=args.jpeg_quality,
         max_pixels=args.max_pixels,
         jpeg_draft=args.jpeg_draft,
+        agiri_train=args.agiri_train,
     )
 
 

@@ -2,7 +2,9 @@
 
 Two are needed: a validation split of CIFAKE train for intrinsic early
 stopping and threshold calibration, and a transfer-validation sample of AGIRI train, so that a
-transfer cutoff is never chosen on a test split. Both are stratified by label (each class keeps
+transfer cutoff is never chosen on a test split. A model trained on AGIRI (`train_on`) trains on
+AGIRI train less that sample, which stays held out as its own validation split; the mixed training
+set takes equal numbers of each source and class (`balanced_rows`). Both are stratified by label (each class keeps
 its share) and depend only on the labels, the seed and the size: the same inputs give the same
 rows on every machine.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 # Distinct streams for distinct purposes, so that changing one split never moves another.
-_STREAM = {"cifake_val": 1, "agiri_val": 2}
+_STREAM = {"cifake_val": 1, "agiri_val": 2, "cifake+agiri": 3}
 
 
 def holdout(
@@ -40,6 +42,14 @@ def sample_order(labels: np.ndarray, seed: int, stream: str = "agiri_val") -> li
     """
     rng = np.random.default_rng([seed, _STREAM[stream]])
     return [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+
+
+def balanced_rows(groups: dict[str, np.ndarray], seed: int, stream: str = "cifake+agiri") -> dict[str, np.ndarray]:
+    """Equal numbers from every group (source × class): per group, a seeded sample (sorted) of as many rows
+    as the smallest group holds. `groups` maps a group's name to its row indices."""
+    n = min((len(rows) for rows in groups.values()), default=0)
+    rng = np.random.default_rng([seed, _STREAM[stream]])
+    return {name: np.sort(rng.permutation(rows)[:n]) for name, rows in groups.items()}
 
 
 def per_class_quota(total: int, n_classes: int) -> list[int]:

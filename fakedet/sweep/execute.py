@@ -21,6 +21,7 @@ from ray.tune import Callback
 from fakedet.config import default_cache_root
 from fakedet.console import say, wrap
 from fakedet.data import cache_hash, load_splits, resolve_data
+from fakedet.data.training import set_name, training_set, with_training_sets
 from fakedet.provenance import run_record
 from fakedet.sweep.hpo import Objectives, StudySearch, scheduler_for
 from fakedet.sweep.plan import SweepPlan, trial_resources
@@ -60,9 +61,10 @@ class SweepOutcome:
 
 def prepare_data(plan: SweepPlan, request: SweepRequest) -> tuple[Path, str, dict]:
     size, variant = plan.study.data.size, plan.study.data.variant
-    cache = resolve_data(request.data, request.cache_root or default_cache_root(), size=size, variant=variant)
+    options = plan.study.data.prepare_options(plan.study.train_ons())
+    cache = resolve_data(request.data, request.cache_root or default_cache_root(), size=size, variant=variant, options=options)
     data_hash = cache_hash(cache)
-    splits = load_splits(cache)
+    splits = with_training_sets(load_splits(cache), plan.study.train_ons(), seed=options.seed)
     say(wrap(f"data: {request.data} ({f'{size}, {variant}' if request.data == 'synthetic' else cache}), cache {data_hash}; "
              + ", ".join(f"{k} {len(v)}" for k, v in splits.items())))
     return cache, data_hash, splits
@@ -300,14 +302,15 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
     outage_s = request.tracking_outage
     cache, data_hash, splits = prepare_data(plan, request)
     # the first moment the training set's size is known: a batch larger than it could only fail in every trial
-    plan.study.check_training_set(len(splits["cifake_train"]), f"--data {request.data} (cache {data_hash})")
+    smallest = min(plan.study.train_ons(), key=lambda t: len(splits[set_name(t)]))
+    plan.study.check_training_set(len(splits[set_name(smallest)]), f"{set_name(smallest)} of --data {request.data} (cache {data_hash})")
     if meta and meta.get("data_hash") not in (None, data_hash) and not request.allow_data_change:
         raise ValueError(f"--resume: the data changed since sweep {plan.name} started (cache {meta['data_hash']} then, "
                          f"{data_hash} now); its cells would mix two datasets. Pass --allow-data-change to resume anyway")
     # said once per batch size (the HPO template's: a sampled batch size rounds its own way)
     first = {t.config.batch_size: t.config for spec in (plan.trials or (plan.template,)) for t in spec.trajectories}
     for cfg in first.values():
-        note = rounding_note(cfg, len(splits["cifake_train"]))
+        note = rounding_note(cfg, len(training_set(splits, cfg)))
         if note:
             say(note)
     resources = plan.resources

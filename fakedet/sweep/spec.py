@@ -55,12 +55,14 @@ class Cell:
         d = {k: v for k, v in self.config.to_dict().items()
              if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == defaults[k])}
         d["epochs"] = float(d["epochs"])  # 10 and 10.0 are one cell
+        if d["train_on"] == TrainConfig.train_on:  # a sweep from before the field existed resumes onto the same runs
+            del d["train_on"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def name(self) -> str:
         c = self.config
-        return f"srm={c.srm}{_departures(c)} ep={fmt_epochs(c.epochs)} lr={c.lr:g} seed={c.seed}"
+        return f"srm={c.srm}{_departures(c)} ep={fmt_epochs(c.epochs)} lr={c.lr:g} seed={c.seed}" + _train_on_suffix(c)
 
     def params(self) -> dict[str, Any]:
         """The cell's MLflow params, with integral numbers as integers."""
@@ -69,7 +71,7 @@ class Cell:
 
 
 CELL_PARAMS = ("arch", "srm", "attention", "augment", "augment_p", "augment_sigma", "augment_quality", "epochs", "lr",
-               "seed", "momentum", "batch_size", "shuffle")
+               "seed", "train_on", "momentum", "batch_size", "shuffle")
 
 
 def _departures(c: TrainConfig) -> str:
@@ -79,6 +81,12 @@ def _departures(c: TrainConfig) -> str:
     if c.augment != TrainConfig.augment:
         out += f" aug={c.augment} p={c.augment_p:g}"
     return out
+
+
+def _train_on_suffix(config: TrainConfig) -> str:
+    """` train=agiri` for a model trained on another set than the study's CIFAKE; nothing for CIFAKE, so
+    the study's names stay as they were."""
+    return "" if config.train_on == TrainConfig.train_on else f" train={config.train_on}"
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class Trajectory:
     def label(self) -> str:
         """How plots and progress lines name the trajectory: `pool1 lr=0.001 seed=11`."""
         c = self.config
-        label = f"{c.srm}{_departures(c)} lr={c.lr:g} seed={c.seed}"
+        label = f"{c.srm}{_departures(c)} lr={c.lr:g} seed={c.seed}" + _train_on_suffix(c)
         if c.momentum != TrainConfig.momentum:
             label += f" m={c.momentum:g}"
         if c.batch_size != TrainConfig.batch_size:

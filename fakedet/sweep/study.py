@@ -21,8 +21,12 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fakedet.config import TRAIN_FIELDS, Attention, Augment, EvalPoint, LearningRate, Placement, Probability, Seed, TrainConfig, clipped, dense_eval_points, explain, joined, shown
+from fakedet.analysis.roles import concrete
+from fakedet.config import (TRAIN_FIELDS, TRAIN_ON, Attention, Augment, EvalPoint, LearningRate, Placement, Probability, Seed,
+                            TrainConfig, TrainOn, clipped, dense_eval_points, explain, joined, shown)
+from fakedet.data.options import PrepareOptions
 from fakedet.data.synthetic import SIZES, VARIANTS
+from fakedet.data.training import needs_agiri_train
 from fakedet.models import PLACEMENTS
 from fakedet.sweep.spec import Objective, Trajectory, TrialSpec
 
@@ -64,10 +68,12 @@ class StudyError(ValueError):
 
 
 def refuse_test_split(metric: str, what: str) -> None:
-    """The one rule for choosing on data: never a split whose name contains `test`."""
+    """The one rule for choosing on data: never a split whose name contains `test` (a set's, or a role's:
+    `intrinsic_test`, `transfer_test`)."""
     split = metric.split("/", 1)[0]
     if "test" in split:
-        raise ValueError(f"{what} {shown(metric)} is on a test split; choose on a validation split (cifake_val or agiri_val)")
+        raise ValueError(f"{what} {shown(metric)} is on a test split; choose on a validation split (cifake_val or agiri_val, "
+                         "or the roles intrinsic_val and transfer_val)")
 
 
 class _Section(BaseModel):
@@ -99,6 +105,9 @@ class AblationSpace(_Section):
     """Cell lengths; cells differing only here share one trajectory."""
     lr: Axis[LearningRate] = [TrainConfig.lr]
     """Constant SGD learning rates."""
+    train_on: Axis[TrainOn] = [TrainConfig.train_on]
+    """Training sets (`TrainConfig.train_on`): cifake (the study's), agiri, cifake+agiri. Every model is
+    scored on every set; `[metrics]` and `[cutoff]` roles (`intrinsic_val/...`) follow each trajectory's."""
     seeds: PositiveInt | Axis[Seed] = 1
     """A count (seeds fixed.seed, fixed.seed + 1, ...) or an explicit list."""
 
@@ -184,13 +193,20 @@ class HpoBudget(Budget):
 
 
 class Metrics(_Section):
-    intrinsic: Annotated[list[MetricName], Unique] = ["cifake_test/acc", "cifake_test/f1", "cifake_test/auc"]
-    """The study's intrinsic skill: CIFAKE test accuracy, F1 and AUC."""
-    transfer: Annotated[list[MetricName], Unique] = ["agiri_test/acc", "agiri_test/f1", "agiri_test/auc", "cifar100_test/real_recall"]
-    """Transfer: AGIRI test, and CIFAR-100 test's real recall (every image there is real)."""
-    objective: MetricName | list[MetricName] = "agiri_val/auc"
-    """HPO only: the metric Optuna and ASHA optimise (never a test split): transfer-validation;
-    intrinsic alternatives are cifake_val/auc and cifake_val/loss. A list of two or more (e.g.
+    """Metric names are `<set>/<metric>` or `<role>/<metric>`, a role (`intrinsic_val`, `intrinsic_test`,
+    `transfer_val`, `transfer_test`) resolved per trajectory from its training set (fakedet.analysis.roles:
+    for CIFAKE, the study's, intrinsic_test is cifake_test and transfer_val agiri_val). A study of one
+    training set has its roles replaced by set names when it is loaded."""
+
+    intrinsic: Annotated[list[MetricName], Unique] = ["intrinsic_test/acc", "intrinsic_test/f1", "intrinsic_test/auc"]
+    """The study's intrinsic skill: accuracy, F1 and AUC on the training distribution's test split (CIFAKE test)."""
+    transfer: Annotated[list[MetricName], Unique] = ["transfer_test/acc", "transfer_test/f1", "transfer_test/auc",
+                                                     "cifar100_test/real_recall"]
+    """Transfer: the other labelled distribution's test split (AGIRI test for a CIFAKE model), and CIFAR-100
+    test's real recall (every image there is real; transfer for every training set)."""
+    objective: MetricName | list[MetricName] = "transfer_val/auc"
+    """HPO only: the metric Optuna and ASHA optimise (never a test split): transfer-validation (agiri_val/auc
+    for a CIFAKE model); intrinsic alternatives are intrinsic_val/auc and intrinsic_val/loss. A list of two or more (e.g.
     ["cifake_val/auc", "agiri_val/auc"], intrinsic vs transfer) searches their Pareto front."""
     mode: Literal["max", "min"] | list[Literal["max", "min"]] | None = None
     """HPO only: default min for losses, max otherwise; a list, one per objective, for several."""
@@ -232,14 +248,14 @@ class Metrics(_Section):
 
 
 class Cutoff(_Section):
-    select_on: MetricName = "agiri_val/auc"
-    """The transfer-validation metric the transfer-optimal cutoff is chosen on."""
-    intrinsic_loss: MetricName = "cifake_val/loss"
-    intrinsic_acc: MetricName = "cifake_val/acc"
+    select_on: MetricName = "transfer_val/auc"
+    """The transfer-validation metric the transfer-optimal cutoff is chosen on (agiri_val/auc for a CIFAKE model)."""
+    intrinsic_loss: MetricName = "intrinsic_val/loss"
+    intrinsic_acc: MetricName = "intrinsic_val/acc"
     patience_epochs: PositiveFloat = 3
     """Early stopping on intrinsic_loss: epochs without an improvement before it stops (counted in epochs,
     not evaluation points, which are uneven); the best point is kept."""
-    report: Annotated[list[MetricName], Field(min_length=1), Unique] = ["agiri_test/auc", "agiri_test/acc", "cifake_test/acc"]
+    report: Annotated[list[MetricName], Field(min_length=1), Unique] = ["transfer_test/auc", "transfer_test/acc", "intrinsic_test/acc"]
     """Metrics read at each rule's chosen point (test splits: reported, never chosen on)."""
 
     @field_validator("select_on", "intrinsic_loss", "intrinsic_acc")
@@ -255,6 +271,15 @@ class DataOptions(_Section):
     variant: Literal[tuple(VARIANTS)] = "standard"  # type: ignore[valid-type]
     """The stand-in's variant when `--data synthetic`: `standard`, or `planted` (cues of known effect on
     transfer, fakedet/data/STANDIN.md)."""
+    agiri_val_size: PositiveInt | None = None
+    """Images of AGIRI train held out as agiri_val (`fakedet prepare --agiri-val-size`); none: 2,000
+    (PrepareOptions). The stand-in's AGIRI train is small (600 images at `small`): a study that trains on
+    it holds out fewer, so that some are left to train on."""
+
+    def prepare_options(self, train_ons) -> PrepareOptions:
+        """How the data are prepared for a study training on `train_ons`: AGIRI train decoded where one needs it."""
+        sizes = {} if self.agiri_val_size is None else {"agiri_val_size": self.agiri_val_size}
+        return PrepareOptions(agiri_train=needs_agiri_train(train_ons), **sizes)
 
 
 class Primary(_Section):
@@ -288,7 +313,7 @@ class StatisticsOptions(_Section):
     seed: Seed = 0
     """Seeds every resample: the same sweep gives the same table."""
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
-    trained_metric: MetricName = "cifake_val/auc"
+    trained_metric: MetricName = "intrinsic_val/auc"
     """With `trained_threshold`: the intrinsic validation metric a cell must clear to count as trained."""
     trained_threshold: float | None = 0.75
     """A `pooled|trained` row keeps only cells whose `trained_metric` reaches this, so models still on the
@@ -470,7 +495,7 @@ class Study:
             raise StudyError(_format(where, e)) from None
         study = cls(spec, where)
         study._check_whole(where)
-        return study
+        return cls(_roles_resolved(spec, study.train_ons()), where)
 
     def _check_whole(self, where: str) -> None:
         """The rules that span sections: what the space varies is not also fixed, every size under its
@@ -493,10 +518,11 @@ class Study:
             refuse.over("[space] seeds", space.seed_count, "seeds", limits.seeds, "seeds")
             refuse.over("[space] epochs", max(space.epochs), "epochs", limits.epochs, "epochs")
             conditions = len(self._conditions())
-            cells = conditions * len(space.lr) * space.seed_count * len(space.epochs)
+            cells = conditions * len(space.lr) * len(space.train_on) * space.seed_count * len(space.epochs)
             shape = (f"{conditions} srm" if conditions == len(space.srm)
                      else f"{conditions} conditions (srm x attention x augment x augment_p)")
-            refuse.over("[space]", cells, f"cells ({shape} x {len(space.lr)} lr x {space.seed_count} seeds x "
+            sets = f" x {len(space.train_on)} train_on" if len(space.train_on) > 1 else ""
+            refuse.over("[space]", cells, f"cells ({shape} x {len(space.lr)} lr{sets} x {space.seed_count} seeds x "
                         f"{len(space.epochs)} epochs)", limits.cells, "cells")
             if not refuse.parts:  # the points of a bounded grid: a few thousand at most
                 refuse.over("[budget] eval_at", len(self._ablation_points()), "evaluation points per trajectory (with the cells' "
@@ -525,7 +551,7 @@ class Study:
     def varied_fields(self) -> tuple[str, ...]:
         """Training-config fields the study sets per trial, never from `[fixed]`."""
         if isinstance(self.spec, AblationFile):
-            return ("srm", "attention", "augment", "augment_p", "lr", "epochs", "eval_at")
+            return ("srm", "attention", "augment", "augment_p", "lr", "train_on", "epochs", "eval_at")
         return ("epochs", "eval_at", *self.spec.space)
 
     def _varied_by(self, key: str) -> str:
@@ -543,6 +569,15 @@ class Study:
             where, batch = "[space] batch_size", max(int(v) for v in self.spec.space["batch_size"].extremes())
         if batch > images:
             raise StudyError(f"{self.source}: {where}: a batch of {batch} is more than the {images} training images of {what}")
+
+    def train_ons(self) -> tuple[str, ...]:
+        """The training sets the study's trials train on (an HPO trial's sampled ones included)."""
+        spec = self.spec
+        if isinstance(spec, AblationFile):
+            return tuple(spec.space.train_on)
+        if "train_on" in spec.space:
+            return tuple(v for v in spec.space["train_on"].extremes() if v in TRAIN_ON)
+        return (spec.fixed.train_on,)
 
     # ---- the typed sections --------------------------------------------------------------------
     @property
@@ -642,8 +677,8 @@ class Study:
         if beyond:
             raise StudyError(f"{self.source}: [budget] eval_at: points {shown(beyond)} lie beyond the longest cell ({longest} epochs)")
         trajectories = []
-        for condition, lr, seed in itertools.product(self._conditions(), space.lr, self.seeds()):
-            cfg = self._train_config(**condition, lr=float(lr), seed=seed, epochs=longest, eval_at=tuple(sorted(points)))
+        for condition, lr, train_on, seed in itertools.product(self._conditions(), space.lr, space.train_on, self.seeds()):
+            cfg = self._train_config(**condition, lr=float(lr), train_on=train_on, seed=seed, epochs=longest, eval_at=tuple(sorted(points)))
             trajectories.append(Trajectory(cfg, tuple(cell_epochs)))
         return trajectories
 
@@ -667,6 +702,20 @@ class Study:
             return TrainConfig(**{**self._fixed(), **values})
         except (TypeError, ValueError) as e:
             raise StudyError(f"{self.source}: {e}") from None
+
+
+def _roles_resolved(spec: AblationFile | HpoFile, train_ons: tuple[str, ...]) -> AblationFile | HpoFile:
+    """The study with each role name (`intrinsic_test/acc`) replaced by the set name it stands for where
+    every training set of the study gives the same one (fakedet.analysis.roles.concrete): a CIFAKE study
+    names cifake_test/acc, agiri_val/auc, ... as it always did, in its record, its parameters and its
+    tables. Roles that stand for different sets (several training sets, or the mixed one) stay."""
+    def names(value: Any) -> Any:
+        return [concrete(v, train_ons) for v in value] if isinstance(value, list) else concrete(value, train_ons)
+
+    metrics = spec.metrics.model_copy(update={k: names(getattr(spec.metrics, k)) for k in ("intrinsic", "transfer", "objective")})
+    cutoff = spec.cutoff.model_copy(update={k: names(getattr(spec.cutoff, k)) for k in ("select_on", "intrinsic_loss", "intrinsic_acc", "report")})
+    statistics = spec.statistics.model_copy(update={"trained_metric": names(spec.statistics.trained_metric)})
+    return spec.model_copy(update={"metrics": metrics, "cutoff": cutoff, "statistics": statistics})
 
 
 def _list_lengths(spec: BaseModel) -> list[tuple[str, int]]:

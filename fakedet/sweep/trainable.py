@@ -21,9 +21,11 @@ import ray
 import torch
 from ray import tune
 
+from fakedet.analysis.roles import sets_for
 from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.explain import explain_probes, probe_sets, probe_shares, trained_model, write_maps
+from fakedet.data.training import training_set
 from fakedet.metrics import best_worst_classes, confusion, per_class_recall, plot_threshold_curves, threshold_table
 from fakedet.models import save_checkpoint
 from fakedet.sweep.refusals import Exit, FatalTrialError
@@ -48,7 +50,7 @@ def run_trial(config: dict[str, Any], splits: dict[str, ImageSet], template: Tri
     node_id = ray.get_runtime_context().get_node_id()
     eval_sets = {k: splits[k] for k in SWEEP_EVAL_SETS if k in splits}
     probes = probe_sets(eval_sets) if spec.explain else {}  # the same seeded images in every trial
-    train_set = splits["cifake_train"]
+    train_set = training_set(splits, spec.trajectories[0].config)  # a bundle shares its training set (SHARED_FIELDS)
     cfgs = [t.config for t in spec.trajectories]
     total = total_steps(cfgs[0], BatchSchedule(len(train_set), cfgs[0].batch_size, cfgs[0].shuffle, cfgs[0].seed).steps_per_epoch)
 
@@ -121,8 +123,10 @@ def load_state(path: Path, where: str) -> dict:
 def _better(spec: TrialSpec, best: tuple[float, float] | None, record: dict) -> tuple[float, float] | None:
     """The objective's best value so far and its epoch, updated with one evaluation point's record."""
     objective = spec.objective
-    dataset, metric = objective.metric.split("/", 1)
-    value = record["metrics"].get(dataset, {}).get(metric)
+    # a role (`transfer_val/auc`) stands for this trajectory's own set(s): an HPO trial may sample train_on
+    values = [record["metrics"].get(name.split("/", 1)[0], {}).get(name.split("/", 1)[1])
+              for name in sets_for(objective.metric, spec.trajectories[0].config.train_on)]
+    value = float(np.mean(values)) if values and all(v is not None for v in values) else None
     if value is None or not math.isfinite(value):
         return best
     if objective.better(value, None if best is None else best[0]):
