@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from fakedet.analysis import roles
 from fakedet.config import TrainConfig
 from fakedet.metrics import THRESHOLD_CURVES, draw_threshold_curves, threshold_counts
 from fakedet.models import PLACEMENTS
@@ -558,7 +559,9 @@ def cutoff_metrics(results: SweepResults) -> list[str]:
     chosen = cutoff_choices(results)
     if "chosen_on" in chosen and (chosen["rule"] == "transfer_val").any():
         select_on = str(chosen.loc[chosen["rule"] == "transfer_val", "chosen_on"].iloc[0])
-    return [report[0], select_on, "cifake_test/acc", defaults.intrinsic_loss]
+    loss = params.get("cutoff_intrinsic_loss", defaults.intrinsic_loss)
+    train_ons = roles.train_ons_of(results.cells)
+    return [roles.concrete(m, train_ons) for m in (report[0], select_on, "intrinsic_test/acc", loss)]
 
 
 def cutoff_choices(results: SweepResults) -> pd.DataFrame:

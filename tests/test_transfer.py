@@ -30,7 +30,7 @@ from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.results import load_sweep, points_from_mlflow
 from fakedet.sweep.plan import bundled
-from fakedet.sweep.spec import CELL_ARTIFACTS, RUNTIME_FIELDS, TRIAL_KEY, Cell, fmt_epochs
+from fakedet.sweep.spec import CELL_ARTIFACTS, LATER_FIELDS, RUNTIME_FIELDS, TRIAL_KEY, Cell, fmt_epochs
 from fakedet.sweep.store import SweepTracking
 from fakedet.sweep.study import Study, StudyError
 from fakedet.sweep.tracking import MlflowCellCallback
@@ -145,7 +145,7 @@ def test_train_on_is_an_axis_a_param_and_part_of_the_name_when_not_cifake(store)
 def test_a_cifake_cell_keeps_the_key_it_had_before_the_field_existed():
     """--resume matches MLflow runs on the cell's key: an old sweep's cells are found again."""
     cfg = TrainConfig(srm="pool1", epochs=10, lr=1e-2, seed=12)
-    old = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS and k != "train_on"}
+    old = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS and k not in LATER_FIELDS}
     old["epochs"] = float(old["epochs"])
     assert Cell(cfg).key == hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert Cell(cfg).key != Cell(TrainConfig(srm="pool1", epochs=10, lr=1e-2, seed=12, train_on="agiri")).key

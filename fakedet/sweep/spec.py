@@ -23,7 +23,7 @@ CELL_ARTIFACTS = "cell_artifacts"
 RUNTIME_FIELDS = ("eval_at", "eval_batch_size", "device", "deterministic")
 # Fields added after sweeps were first recorded: at their defaults (the study's) they are left out of a
 # cell's key, so that the cells of a sweep recorded before them keep their keys and resume.
-LATER_FIELDS = ("attention", "augment", "augment_p", "augment_sigma", "augment_quality")
+LATER_FIELDS = ("attention", "augment", "augment_p", "augment_sigma", "augment_quality", "train_on")
 
 
 def fmt_epochs(epochs: float) -> str:
@@ -55,8 +55,6 @@ class Cell:
         d = {k: v for k, v in self.config.to_dict().items()
              if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == defaults[k])}
         d["epochs"] = float(d["epochs"])  # 10 and 10.0 are one cell
-        if d["train_on"] == TrainConfig.train_on:  # a sweep from before the field existed resumes onto the same runs
-            del d["train_on"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
