@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fakedet.config import TrainConfig
+from fakedet.models import SRM, CifarTutorialCNN
 from fakedet.preprocess import preprocess
 
 SHARED_FIELDS = ("arch", "srm", "attention", "augment", "augment_p", "augment_sigma", "augment_quality", "batch_size",
@@ -100,13 +101,17 @@ class StackedModels:
     def _logits(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (x,)).reshape(-1)
 
+    def losses(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Every model's batch-mean loss (K,) in train mode, BatchNorm statistics updated: vmapped."""
+        x = preprocess(images_uint8[idx].flatten(0, 1)).unflatten(0, idx.shape)  # normalised per batch
+        self.template.train()
+        return torch.vmap(self._loss)(self.parameters(self.flat), self.buffers, x, labels[idx])
+
     def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """One SGD step of every model on its own batch: row k of `idx` (K, B) indexes model k's images in
         `images_uint8` (N×H×W×3, shared) and `labels` (N, float). Returns the batch losses (K,), on the device.
         Nothing here waits for the device."""
-        x = preprocess(images_uint8[idx].flatten(0, 1)).unflatten(0, idx.shape)  # normalised per batch
-        self.template.train()
-        losses = torch.vmap(self._loss)(self.parameters(self.flat), self.buffers, x, labels[idx])
+        losses = self.losses(images_uint8, labels, idx)
         # the models share no parameter: d(sum)/d(row k) is model k's own gradient
         losses.sum().backward()
         with torch.no_grad():
@@ -117,13 +122,16 @@ class StackedModels:
         self.flat.grad = None
         return losses.detach()
 
+    def forward_eval(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits (K, B) of every model in eval mode on one normalised batch x (B, 3, H, W): vmapped."""
+        self.template.eval()
+        return torch.vmap(self._logits, in_dims=(0, 0, None))(params, self.buffers, x)
+
     @torch.no_grad()
     def logits(self, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
         """Logits (K, N) of every model in eval mode on the same uint8 images (N×H×W×3, on the device)."""
-        self.template.eval()
         params = self.parameters(self.flat.detach())
-        forward = torch.vmap(self._logits, in_dims=(0, 0, None))
-        out = [forward(params, self.buffers, preprocess(images_uint8[i : i + batch_size]))
+        out = [self.forward_eval(params, preprocess(images_uint8[i : i + batch_size]))
                for i in range(0, len(images_uint8), batch_size)]
         if not out:
             return np.zeros((len(self), 0), dtype=np.float32)
@@ -152,6 +160,68 @@ def flatten_parameters(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def wide_supported(model: nn.Module) -> bool:
+    """Whether `WideModels` knows every layer of `model`: the tutorial CNN with SRM or nothing in its slots.
+    Any other architecture or attention module bundles through vmap (`StackedModels`)."""
+    return type(model) is CifarTutorialCNN and all(m is None or type(m) is SRM for m in (model.attend, model.attend2))
+
+
+class WideModels(StackedModels):
+    """K tutorial CNNs that see the same batch at every step (one seed: one batch order), as one wide network.
+
+    The stack (parameters (K, P), momentum, per-model lr and momentum, the SGD update) is `StackedModels`';
+    only the forward pass differs: conv1 is one convolution with 6K output channels on the shared batch,
+    conv2 a convolution of K groups (group k: model k's 6 input and 16 output channels), SRM one module over
+    the K models' channels (its channel-wise filter and BatchNorm are per channel already, so per model),
+    and the linear layers batched matrix products over the K models (`torch.baddbmm`). Model k's channels
+    are the k-th block everywhere, so the flattened 16×5×5 features of model k are the k-th 400 columns.
+    Each model's loss is its own batch mean, as alone. No vmap, and the batch is gathered and normalised
+    once, not K times: tests/test_bundle.py bounds the difference from training each model alone.
+    """
+
+    def _wide(self, params: dict[str, torch.Tensor], x: torch.Tensor, training: bool) -> torch.Tensor:
+        k = len(self)
+
+        def w(name: str) -> torch.Tensor:  # (K, out, ...) → (K*out, ...): model k's block of channels
+            return params[name].flatten(0, 1)
+
+        x = F.max_pool2d(F.relu(F.conv2d(x, w("conv1.weight"), w("conv1.bias"))), 2, 2)
+        if "attend.cfc.weight" in params:
+            x = self._srm(params, "attend", x, training)
+        x = F.max_pool2d(F.relu(F.conv2d(x, w("conv2.weight"), w("conv2.bias"), groups=k)), 2, 2)
+        if "attend2.cfc.weight" in params:
+            x = self._srm(params, "attend2", x, training)
+        x = x.reshape(x.shape[0], k, -1).transpose(0, 1)  # (K, B, 400)
+        for name, last in (("fc1", False), ("fc2", False), ("fc3", True)):
+            x = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), x, params[f"{name}.weight"].transpose(1, 2))
+            x = x if last else F.relu(x)
+        return x.squeeze(-1)  # (K, B)
+
+    def _srm(self, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """`fakedet.models.SRM` over the K models' channels at once (its gates, value for value)."""
+        b, c = x.shape[:2]
+        flat = x.reshape(b, c, -1)
+        style = torch.stack((flat.mean(-1), flat.std(-1)), dim=-1)  # (b, c, 2); unbiased std, as SRM
+        z = F.conv1d(style, params[f"{prefix}.cfc.weight"].flatten(0, 1), groups=c)
+        bn = self.template.get_submodule(f"{prefix}.bn")
+        if training:  # nn.BatchNorm's train-mode bookkeeping: the batch count, then the running averages
+            self.buffers[f"{prefix}.bn.num_batches_tracked"].add_(1)
+        # the stacked (K, C) buffers flattened are views: batch_norm updates them in place
+        z = F.batch_norm(z, self.buffers[f"{prefix}.bn.running_mean"].view(-1), self.buffers[f"{prefix}.bn.running_var"].view(-1),
+                         params[f"{prefix}.bn.weight"].flatten(0, 1), params[f"{prefix}.bn.bias"].flatten(0, 1),
+                         training, bn.momentum, bn.eps)
+        return x * torch.sigmoid(z).reshape(b, c, 1, 1)
+
+    def losses(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        rows = idx[0]  # every row is the same batch (one seed); gathered and normalised once
+        logits = self._wide(self.parameters(self.flat), preprocess(images_uint8[rows]), training=True)
+        y = labels[rows].expand_as(logits)
+        return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
+
+    def forward_eval(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return self._wide(params, x, training=False)
+
+
 
 class StackedStepper:
     """The stepper of `fakedet.train.train_models` for K > 1: one vmapped SGD step for all models.
@@ -161,6 +231,8 @@ class StackedStepper:
     each row's state back in their shapes (`module`, `optimizer`), so snapshots are `train`'s format.
     Rows are the loop's live models, in order; `keep` drops the others.
     """
+
+    kind: type[StackedModels] = StackedModels
 
     def __init__(self, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.SGD]) -> None:
         self.models, self.optimizers = list(models), list(optimizers)
@@ -173,7 +245,7 @@ class StackedStepper:
                 buffers.append(torch.cat([b.reshape(-1) for b in saved]))
             else:  # a fresh start (torch.optim.SGD's first step sets buf = grad: momentum*0 + grad here)
                 buffers.append(torch.zeros_like(flatten_parameters(model)))
-        self.stack = StackedModels(self.models, buffers, [g["lr"] for g in groups], [g["momentum"] for g in groups])
+        self.stack = self.kind(self.models, buffers, [g["lr"] for g in groups], [g["momentum"] for g in groups])
 
     def __len__(self) -> int:
         return len(self.stack)
@@ -201,3 +273,21 @@ class StackedStepper:
         self.stack.keep(rows)
         self.models = [self.models[r] for r in rows]
         self.optimizers = [self.optimizers[r] for r in rows]
+
+
+class WideStepper(StackedStepper):
+    """`StackedStepper` with the wide forward pass (`WideModels`): for K models that share their seed (so
+    their initialisation and every batch; they differ in lr and momentum) of an architecture `wide_supported`
+    knows."""
+
+    kind = WideModels
+
+
+def bundle_stepper(cfgs: Sequence[TrainConfig], models: Sequence[nn.Module], optimizers: Sequence[torch.optim.SGD],
+                   wide: bool = True) -> StackedStepper:
+    """The stepper `fakedet.train.train_models` uses for K > 1 models: `WideStepper` where every model shares
+    one seed (one batch order) and `wide_supported` knows the architecture, else `StackedStepper` (vmap).
+    `wide=False` always takes vmap."""
+    if wide and len({c.seed for c in cfgs}) == 1 and wide_supported(models[0]):
+        return WideStepper(models, optimizers)
+    return StackedStepper(models, optimizers)

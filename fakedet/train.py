@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from fakedet.arrays import ImageSet
 from fakedet.augment import augment_rows
-from fakedet.bundle import StackedStepper, check_bundle
+from fakedet.bundle import bundle_stepper, check_bundle
 from fakedet.config import TrainConfig
 from fakedet.metrics import score_logits
 from fakedet.models import build_model
@@ -178,11 +178,17 @@ def eval_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int, d
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     twin = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
     with torch.inference_mode():
-        out = [twin(images_uint8[i : i + batch_size].permute(0, 3, 1, 2).to(torch.float32).sub_(127.5).div_(127.5))
-               .reshape(-1) for i in range(0, len(images_uint8), batch_size)]  # fmt: skip
+        out = [twin(channels_last_batch(images_uint8[i : i + batch_size])).reshape(-1)
+               for i in range(0, len(images_uint8), batch_size)]
     if not out:
         return np.zeros(0, dtype=np.float32)
     return torch.cat(out).numpy()
+
+
+def channels_last_batch(images_uint8: torch.Tensor) -> torch.Tensor:
+    """`preprocess`'s values, value for value, in NHWC memory: the uint8 N×H×W×3 batch's channels_last view
+    cast without a transpose (what a channels_last model consumes without reordering its input)."""
+    return images_uint8.permute(0, 3, 1, 2).to(torch.float32).sub_(127.5).div_(127.5)
 
 
 def evaluate(
@@ -265,11 +271,20 @@ class Stepper(Protocol):
 
 
 class ModuleStepper:
-    """The stepper for one model: its own module and `torch.optim.SGD`, as the reference trains."""
+    """The stepper for one model: its own module and `torch.optim.SGD`, as the reference trains.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, device: torch.device) -> None:
+    `channels_last`: the weights and each batch in NHWC memory (the batch cast from the uint8 images without
+    a transpose, `channels_last_batch`); the same values, other kernels, so other rounding. Off by default
+    (README, "Benchmarks": measured by benchmarks/bench_steppers.py)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, device: torch.device,
+                 channels_last: bool = False) -> None:
         self.model, self._optimizer, self.device = model, optimizer, device
         self.criterion = nn.BCEWithLogitsLoss()  # the reference's sigmoid + BCELoss, in the numerically stable form
+        # Module.to keeps each Parameter object (only its data changes): the optimizer's references stay valid
+        self.batch = channels_last_batch if channels_last else preprocess
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.model.train()
 
     def __len__(self) -> int:
@@ -277,7 +292,7 @@ class ModuleStepper:
 
     def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx[0]
-        loss = self.criterion(self.model(preprocess(images_uint8[idx])), labels[idx])
+        loss = self.criterion(self.model(self.batch(images_uint8[idx])), labels[idx])
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._optimizer.step()
@@ -429,7 +444,7 @@ def _train(
         step = starts[0]
         points = [p for p in points if p > step]
         stepper: Stepper = (ModuleStepper(models[0], optimizers[0], device) if n_models == 1
-                            else StackedStepper(models, optimizers))
+                            else bundle_stepper(cfgs, models, optimizers))
 
         # Every set goes to the device once, as uint8 (1 byte a value: 276 MB for CIFAKE's 90k training
         # images, not the 1.1 GB of a float32 copy), shared by all models; each step gathers its batches

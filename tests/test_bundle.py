@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from fakedet.bundle import SHARED_FIELDS, StackedModels, StackedStepper, bundle_key
+import torch.nn as nn
+
+import fakedet.train
+from fakedet.bundle import SHARED_FIELDS, StackedModels, StackedStepper, WideStepper, bundle_key, bundle_stepper
 from fakedet.config import TrainConfig
 from fakedet.train import BatchSchedule, ModuleStepper, build_initial, epoch_order, train, train_bundle, train_models
 
@@ -103,6 +106,89 @@ def test_bundle_equals_each_model_trained_alone(toy, srm):
         # the running statistics moved, and differently per model
         means = [b.model.state_dict()["attend.bn.running_mean"] for b in bundled]
         assert not torch.equal(means[0], torch.zeros_like(means[0])) and not torch.equal(means[0], means[1])
+
+
+# one seed (one initialisation, one batch order), different learning rates and momenta, momentum 0 included:
+# a wide bundle
+ONE_SEED = [{"seed": 4, "lr": 1e-2, "momentum": 0.9}, {"seed": 4, "lr": 3e-2, "momentum": 0.5},
+            {"seed": 4, "lr": 5e-3, "momentum": 0.0}]
+
+
+def steppers_used(monkeypatch) -> list:
+    """The bundle steppers `train_models` builds from here on, in order."""
+    made, original = [], bundle_stepper
+
+    def recording(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(fakedet.train, "bundle_stepper", recording)
+    return made
+
+
+@pytest.mark.parametrize("srm", ["none", "pool1", "pool2"])
+def test_wide_bundle_equals_each_model_trained_alone(toy, srm, monkeypatch):
+    """Models of one seed train as one wide network (conv1 with 6K outputs, conv2 grouped, batched linear
+    layers, SRM over every model's channels) and each ends where it ends alone: metrics at every point,
+    weights, SRM's BatchNorm statistics and batch counts, and the momentum buffers of its snapshots."""
+    train_set, eval_sets = data(toy)
+    cfgs = [small_cfg(srm=srm, **v) for v in ONE_SEED]
+    made = steppers_used(monkeypatch)
+    solo_states, bundle_states = {}, {}
+    solo = [train(cfg, train_set, eval_sets, on_eval=solo_snapshots(solo_states.setdefault(k, {})))
+            for k, cfg in enumerate(cfgs)]
+    bundled = train_bundle(cfgs, train_set, eval_sets, on_eval=bundle_snapshots(bundle_states))
+    assert [type(s) for s in made] == [WideStepper]
+    for k, (a, b) in enumerate(zip(solo, bundled)):
+        assert_same_history(a.history, b.history)
+        assert_same_state(a.model.state_dict(), b.model.state_dict())
+        for step, state in solo_states[k].items():
+            assert_same_state(state["model"], bundle_states[k][step]["model"])
+            for i, m in state["optimizer"]["state"].items():
+                torch.testing.assert_close(bundle_states[k][step]["optimizer"]["state"][i]["momentum_buffer"],
+                                           m["momentum_buffer"], atol=ATOL, rtol=0)
+    if srm != "none":  # the running statistics moved, and differently per model
+        key = "attend.bn.running_mean" if srm == "pool1" else "attend2.bn.running_mean"
+        means = [b.model.state_dict()[key] for b in bundled]
+        assert not torch.equal(means[0], torch.zeros_like(means[0])) and not torch.equal(means[0], means[1])
+
+
+def test_a_wide_bundle_drops_a_diverged_model_and_the_others_go_on(toy, monkeypatch):
+    train_set, eval_sets = data(toy)
+    cfgs = [small_cfg(srm="pool1", **ONE_SEED[0]), small_cfg(srm="pool1", seed=4, lr=1e30),
+            small_cfg(srm="pool1", **ONE_SEED[1])]
+    made = steppers_used(monkeypatch)
+    bundled = train_bundle(cfgs, train_set, eval_sets)
+    assert [type(s) for s in made] == [WideStepper]
+    assert bundled[1].diverged and [h["step"] for h in bundled[1].history] == [5]
+    for k in (0, 2):
+        assert not bundled[k].diverged
+        assert_same_history(train(cfgs[k], train_set, eval_sets).history, bundled[k].history)
+
+
+class OtherGate(nn.Module):
+    """An attention module the wide forward pass does not know."""
+
+    def forward(self, x):
+        return x
+
+
+def test_the_wide_stepper_takes_one_seed_and_modules_it_knows_and_vmap_the_rest():
+    def stepper(cfgs, edit=lambda m: m, **kw):
+        models = [edit(build_initial(c, torch.device("cpu"))) for c in cfgs]
+        return type(bundle_stepper(cfgs, models, [torch.optim.SGD(m.parameters(), lr=c.lr) for m, c in zip(models, cfgs)], **kw))
+
+    one_seed = [small_cfg(srm="pool1", **v) for v in ONE_SEED]
+    assert stepper(one_seed) is WideStepper
+    assert stepper([small_cfg(srm="both", **v) for v in ONE_SEED]) is WideStepper
+    assert stepper(one_seed, wide=False) is StackedStepper
+    assert stepper([small_cfg(**v) for v in VARIED]) is StackedStepper  # seeds differ: batches differ
+
+    def swap_gate(model):
+        model.attend = OtherGate()
+        return model
+
+    assert stepper(one_seed, swap_gate) is StackedStepper
 
 
 @pytest.mark.slow  # 160 steps of three models, bundled and alone (5 s)

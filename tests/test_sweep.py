@@ -121,6 +121,16 @@ def test_smoke_cell_runs_hold_their_metrics_and_artifacts(smoke):
 
 
 @pytest.mark.slow
+def test_smoke_trials_share_worker_processes(workspace, smoke):
+    """Ray Tune's auto-filled `pid` of each trial's results: 6 trials on 2 CPUs ran in fewer processes than
+    trials (a worker is reused, not started per trial: fakedet.sweep.execute.reuse_workers)."""
+    trials = sorted((workspace.storage / "smoke1").glob("trial_*/result.json"))
+    pids = [{json.loads(line)["pid"] for line in t.read_text().splitlines() if line.strip()} for t in trials]
+    assert len(trials) == 6 and all(len(p) == 1 for p in pids)
+    assert len(set().union(*pids)) < len(trials), pids
+
+
+@pytest.mark.slow
 def test_smoke_cell_curve_has_each_evaluation_point_once(smoke):
     # the 2-epoch cell has points at 0.5, 1 and 2 epochs
     history = smoke.client.get_metric_history(smoke.cell("none", 2).info.run_id, "epoch")

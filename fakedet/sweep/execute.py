@@ -242,10 +242,19 @@ def check_satisfiable(per_trial: dict[str, float], cluster: dict[str, float]) ->
                                f"ever start; lower {flag} (or the study's [budget] {key}s_per_trial)")
 
 
+def reuse_workers() -> bool:
+    """Whether a trial runs in a Ray worker process an earlier trial of the sweep ran in (Ray Tune's
+    `reuse_actors`; a function trainable is reset between trials, `FunctionTrainable.reset_config`), so
+    that a worker's start and its imports (about 4 CPU-seconds) are paid once per worker, not per trial.
+    A worker whose trial crashed is never reused: the retry starts a new one from the checkpoint.
+    `FAKEDET_REUSE_WORKERS=0` starts a new worker per trial (benchmarks/bench_sweep.py --fresh-workers)."""
+    return os.environ.get("FAKEDET_REUSE_WORKERS", "1") != "0"
+
+
 def tune_config(plan: SweepPlan, request: SweepRequest) -> tune.TuneConfig:
     if plan.kind == "ablation":
         return tune.TuneConfig(num_samples=1, max_concurrent_trials=request.max_concurrent or None,
-                               trial_dirname_creator=_trial_dirname)
+                               trial_dirname_creator=_trial_dirname, reuse_actors=reuse_workers())
     budget, metrics = plan.study.budget, plan.study.metrics
     storage_url = optuna_storage_url(request)
     objectives = Objectives.of(metrics)
@@ -258,11 +267,11 @@ def tune_config(plan: SweepPlan, request: SweepRequest) -> tune.TuneConfig:
         # the searcher holds the metrics and modes (lists); Tune's own metric is single, so it stays unset
         return tune.TuneConfig(search_alg=searcher, scheduler=scheduler_for(objectives, budget, plan.cell_epochs[-1]),
                                num_samples=plan.total_trials, max_concurrent_trials=request.max_concurrent or budget.max_concurrent,
-                               trial_dirname_creator=_trial_dirname)
+                               trial_dirname_creator=_trial_dirname, reuse_actors=reuse_workers())
     return tune.TuneConfig(metric=objectives.keys[0], mode=objectives.modes[0], search_alg=searcher,
                            scheduler=scheduler_for(objectives, budget, plan.cell_epochs[-1]),
                            num_samples=plan.total_trials, max_concurrent_trials=request.max_concurrent or budget.max_concurrent,
-                           trial_dirname_creator=_trial_dirname)
+                           trial_dirname_creator=_trial_dirname, reuse_actors=reuse_workers())
 
 
 def optuna_storage_url(request: SweepRequest) -> str:
