@@ -581,8 +581,9 @@ def cutoff_curves(results: SweepResults, metrics: Sequence[str] | None = None) -
     """Transfer and intrinsic metrics against training length (log scale): a line per condition (mean
     over its seeds, ±1 SD band), and a marker where each cutoff rule stopped each trajectory
     (`cutoff_choices`), at that trajectory's own value."""
-    points = results.points
-    metrics = [m for m in (metrics or cutoff_metrics(results)) if m in points]
+    wanted = list(metrics or cutoff_metrics(results))
+    points = roles.with_role_columns(results.points, wanted)  # a role (several training sets): each trajectory's own set
+    metrics = [m for m in wanted if m in points]
     if not metrics:
         raise KeyError("none of the cutoff metrics were logged at the sweep's evaluation points")
     look = Look.of(results)
