@@ -145,9 +145,9 @@ def explain(model: nn.Module, images: ImageSet, device: torch.device | str = "cp
 
 
 def trained_model(cfg: TrainConfig, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A module of `cfg`'s architecture and placement holding the weights `state` (a snapshot's `model`),
+    """A module of `cfg`'s architecture, placement and attention module holding the weights `state` (a snapshot's `model`),
     in eval mode: each model of a bundle as its own module."""
-    model = build_model(cfg.arch, cfg.srm)
+    model = build_model(cfg.arch, cfg.srm, cfg.attention)
     model.load_state_dict(state)
     return model.eval()
 

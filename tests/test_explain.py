@@ -197,3 +197,18 @@ def test_the_maps_on_cuda_equal_those_on_the_cpu():
     gpu = explain(model.cuda(), images, "cuda")
     for k in cpu.cams:
         assert np.allclose(cpu.cams[k], gpu.cams[k], atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["se", "eca", "cbam"])
+def test_a_cell_of_any_attention_module_is_rebuilt_and_its_gates_read(attention):
+    """A cell's saved weights are rebuilt with its own module (a module's parameters are its own), and the
+    maps read its gates through the same protocol as SRM's: CBAM's spatial gate as well as its channel one."""
+    cfg = TrainConfig(srm="pool1", attention=attention)
+    torch.manual_seed(0)
+    state = build_model(cfg.arch, cfg.srm, cfg.attention).state_dict()
+    model = trained_model(cfg, state)
+    assert not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    gates = model.attend.gates(torch.rand(2, 6, 14, 14))
+    assert gates["channel"].shape == (2, 6)
+    assert ("spatial" in gates) == (attention == "cbam")
