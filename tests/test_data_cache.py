@@ -15,7 +15,7 @@ import pytest
 import fakedet.data.builders as builders_mod
 from fakedet import FAKE, REAL
 from fakedet.data import (
-    SET_NAMES,
+    DEFAULT_SET_NAMES,
     CacheError,
     PrepareOptions,
     cache_hash,
@@ -55,7 +55,7 @@ def _prep(sources: Path, cache: Path, **kw) -> dict:
 
 def test_load_splits_contract(tiny_cache):
     sets = load_splits(tiny_cache)
-    assert list(sets) == list(SET_NAMES)
+    assert list(sets) == list(DEFAULT_SET_NAMES)
     size = SIZES["tiny"]
     for name, s in sets.items():
         assert s.name == name
@@ -242,14 +242,14 @@ def test_crash_leaves_no_half_cache(sources, tmp_path, monkeypatch):
         _prep(sources, cache, options=PrepareOptions(resize="box"))
     assert read_manifest(cache)["cache_hash"] == good["cache_hash"]  # the old cache, intact
     assert not [p for p in (cache / "units").iterdir() if p.name.startswith(".tmp")]
-    assert len(load_splits(cache)) == len(SET_NAMES)
+    assert len(load_splits(cache)) == len(DEFAULT_SET_NAMES)
 
 
 def test_only_keeps_other_datasets(sources, tmp_path):
     cache = tmp_path / "cache"
     _prep(sources, cache)
     prepare(cache, cifar100=sources / "cifar100", only=["cifar100"], show_progress=False)
-    assert list(load_splits(cache)) == list(SET_NAMES)
+    assert list(load_splits(cache)) == list(DEFAULT_SET_NAMES)
 
 
 def test_missing_or_broken_cache_errors(tmp_path, tiny_cache):
@@ -301,7 +301,7 @@ def test_resolve_data_is_safe_from_two_processes(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert outs[0][0] == outs[1][0]  # same folder, same hash
     assert not [p for p in tmp_path.rglob(".tmp-*")]
-    assert len(load_splits(tmp_path / "synthetic-tiny" / "cache")) == len(SET_NAMES)
+    assert len(load_splits(tmp_path / "synthetic-tiny" / "cache")) == len(DEFAULT_SET_NAMES)
 
 
 def test_data_option_helper(tiny_root, tiny_cache):
@@ -394,5 +394,5 @@ def test_read_only_store(tiny_root, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     first, second = run.stdout.splitlines()
-    assert first == f"{len(SET_NAMES)} {cache_hash(tiny_root / 'synthetic-tiny' / 'cache')}"
+    assert first == f"{len(DEFAULT_SET_NAMES)} {cache_hash(tiny_root / 'synthetic-tiny' / 'cache')}"
     assert "cannot write here (Read-only file system), and the cache is not current" in second

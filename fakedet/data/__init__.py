@@ -14,7 +14,7 @@ manifest); synthetic (the built-in stand-in); resolve (`--data`); cli (`prepare`
 """
 
 from fakedet.data.build import prepare
-from fakedet.data.cache import SET_NAMES, cache_hash, load_splits, read_manifest
+from fakedet.data.cache import DEFAULT_SET_NAMES, SET_NAMES, cache_hash, load_splits, read_manifest
 from fakedet.data.errors import (
     CacheError,
     DataError,
@@ -27,6 +27,7 @@ from fakedet.data.resolve import resolve_data
 from fakedet.data.synthetic import SIZES, make_synthetic
 
 __all__ = [
+    "DEFAULT_SET_NAMES",
     "SET_NAMES",
     "SIZES",
     "CacheError",

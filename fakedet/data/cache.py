@@ -33,6 +33,8 @@ SET_NAMES = (
     "cifar100_test",
     "cifar100_test_jpeg",
 )
+# What a cache holds unless `PrepareOptions.agiri_train` asked for AGIRI's training images too (train_on)
+DEFAULT_SET_NAMES = tuple(n for n in SET_NAMES if n != "agiri_train")
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
