@@ -79,7 +79,10 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def last_conv(model: nn.Module) -> nn.Module:
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    """The network's last feature convolution: a convolution inside an attention module (CBAM's 7x7 spatial
+    gate) computes a gate, not features, and is left out."""
+    inside = {id(m) for a in attention_modules(model).values() for m in a.modules()}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and id(m) not in inside]
     if not convs:
         raise ValueError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM")
     return convs[-1]

@@ -16,7 +16,7 @@ from fakedet.arrays import ImageSet
 from fakedet.config import TrainConfig
 from fakedet.data import load_splits
 from fakedet.data.synthetic import cifake_name, mask_file
-from fakedet.explain import LAST_CONV, explain, explain_probes, map_grid, point_metrics, probe_set, probe_sets, shares, trained_model, write_maps
+from fakedet.explain import LAST_CONV, explain, last_conv, explain_probes, map_grid, point_metrics, probe_set, probe_sets, shares, trained_model, write_maps
 from fakedet.models import build_model
 from fakedet.train import train, train_bundle
 
@@ -212,3 +212,7 @@ def test_a_cell_of_any_attention_module_is_rebuilt_and_its_gates_read(attention)
     gates = model.attend.gates(torch.rand(2, 6, 14, 14))
     assert gates["channel"].shape == (2, 6)
     assert ("spatial" in gates) == (attention == "cbam")
+    assert last_conv(model) is model.conv2  # CBAM's spatial convolution is a gate, not the last feature map
+    e = explain(model, ImageSet(images=np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+                                labels=np.array([0, 1, 0, 1], dtype=np.uint8), name="probe"))
+    assert set(e.cams) == {LAST_CONV, "attend"} and "attend/channel" in e.gates
