@@ -172,7 +172,7 @@ def test_the_report_page_is_self_contained_and_shows_the_answers(analysed):
     for src in parsed.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    assert parsed.ids == ["headlines", "cells", "cutoffs", "figures", "correlations", "record"]
+    assert parsed.ids == ["headlines", "cells", "cutoffs", "explain", "transfer", "figures", "correlations", "record"]
     text = " ".join(parsed.text)
     results = load_sweep(analysed.uri, "sw1", analysis=AnalysisVersion(1))
     lines = headlines(results)
