@@ -18,25 +18,21 @@ import math
 import tempfile
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from matplotlib.colors import to_hex
 from mlflow.tracking import MlflowClient
-from ray import tune
 
 from fakedet import figures
 from fakedet.arrays import ImageSet
 from fakedet.results import SweepResults, list_sweeps, load_sweep
-from fakedet.sweep.spec import CELL_ARTIFACTS, TRIAL_KEY, fmt_epochs
-from fakedet.sweep.store import SweepTracking
 from fakedet.sweep.study import Study
-from fakedet.sweep.tracking import MlflowCellCallback
-from fakedet.sweep.trainable import SWEEP_EVAL_SETS, write_cell_artifacts
-from fakedet.train import EvalRecord, build_initial, score
+from fakedet.sweep.trainable import SWEEP_EVAL_SETS
+from fakedet.train import EvalRecord, score
+
+from sweep_store import replay_sweep
 
 SWEEP = "views1"
 PLACEMENTS = ("none", "pool1")
@@ -89,37 +85,14 @@ def record_at(trajectory, step: int, sets: dict[str, ImageSet]) -> EvalRecord:
 
 def write_store(root: Path) -> tuple[str, Study]:
     """(tracking URI, study) of one small ablation sweep under `root`, analysed, with every view logged."""
-    from fakedet.report import analyse_sweep
-
     study = Study.load("ablation", preset="smoke", overrides={
         "space": {"srm": list(PLACEMENTS), "lr": list(LRS), "seeds": 2, "epochs": [int(e) for e in CELL_EPOCHS]},
         "budget": {"eval_at": [0.1, 0.5, 2]}, "statistics": {"primary": {"change_between": list(CELL_EPOCHS)}, "n_boot": 200}})
-    tracking = SweepTracking.open(f"sqlite:///{root / 'mlflow.db'}", "ablation", SWEEP,
-                                  {"kind": "ablation", "cutoff_select_on": study.cutoff.select_on,
-                                   "cutoff_report": list(study.cutoff.report)}, {"fakedet.study": study.name})
-    callback = MlflowCellCallback(tracking, None, {"sweep": SWEEP}, {"fakedet.study": study.name})
     sets = eval_sets()
-    for t, spec in enumerate(study.trials()):
-        trial = SimpleNamespace(trial_id=f"t{t}", config={TRIAL_KEY: spec})
-        (trajectory,) = spec.trajectories
-        callback.on_trial_start(0, [], trial)
-        total = round(trajectory.config.epochs * STEPS_PER_EPOCH)
-        steps = sorted({max(1, round(e * STEPS_PER_EPOCH)) for e in trajectory.config.eval_at} | {total})
-        state = build_initial(trajectory.config, torch.device("cpu")).state_dict()
-        for step in steps:
-            rec = record_at(trajectory, step, sets)
-            callback.on_trial_result(0, [], trial, {**rec.flat(), "trajectory": 0, "epoch": rec.epoch, "step": step,
-                                                    "total_steps": total, "node_id": "n1", "diverged": False})
-            done = [c for c in trajectory.cells if abs(c.epochs - rec.epoch) < 1e-9]
-            if done:
-                folder = root / f"ckpt_{t}_{step}"
-                for cell in done:
-                    write_cell_artifacts(folder / CELL_ARTIFACTS / "0" / fmt_epochs(cell.epochs), rec, sets, state, cell)
-                callback.on_checkpoint(0, [], trial, tune.Checkpoint.from_directory(str(folder)))
-        callback.on_trial_complete(0, [], trial)
-    assert callback.writer.flush(timeout=120)
-    assert analyse_sweep(tracking, study, list(CELL_EPOCHS), {"code_version": "test"}) == 0
-    return tracking.uri, study
+    uri = replay_sweep(root, "ablation", SWEEP, study, {"kind": "ablation", "cutoff_select_on": study.cutoff.select_on,
+                                   "cutoff_report": list(study.cutoff.report)}, sets,
+                       lambda trajectory, step: record_at(trajectory, step, sets), STEPS_PER_EPOCH, list(CELL_EPOCHS))
+    return uri, study
 
 
 @pytest.fixture(scope="module")
