@@ -26,29 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from fakedet.config import TrainConfig
+from fakedet.data.jpeg import CHROMA_TABLE, LUMA_TABLE
 from fakedet.preprocess import to_device
-
-# ITU T.81 Annex K (the IJG tables libjpeg and PIL start from), row-major over (v, u)
-LUMA_TABLE = (
-    16, 11, 10, 16, 24, 40, 51, 61,
-    12, 12, 14, 19, 26, 58, 60, 55,
-    14, 13, 16, 24, 40, 57, 69, 56,
-    14, 17, 22, 29, 51, 87, 80, 62,
-    18, 22, 37, 56, 68, 109, 103, 77,
-    24, 35, 55, 64, 81, 104, 113, 92,
-    49, 64, 78, 87, 103, 121, 120, 101,
-    72, 92, 95, 98, 112, 100, 103, 99,
-)  # fmt: skip
-CHROMA_TABLE = (
-    17, 18, 24, 47, 99, 99, 99, 99,
-    18, 21, 26, 66, 99, 99, 99, 99,
-    24, 26, 56, 99, 99, 99, 99, 99,
-    47, 66, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99,
-)  # fmt: skip
 
 # JFIF's full-range YCbCr (ITU-R BT.601 coefficients), as libjpeg converts
 RGB_TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))

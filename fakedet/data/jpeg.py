@@ -15,10 +15,28 @@ from fakedet.data.files import read_bounded
 DEFAULT_QUALITY = 75  # Pillow's default
 TRIED_FILES = 8  # files tried in turn when estimating a folder's quality, should the first not be a JPEG
 
-# ITU T.81 Annex K luminance table; libjpeg scales it by 5000/q (q < 50) or 200 - 2q
-_STD_LUMINANCE = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-                           14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-                           49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99])  # fmt: skip
+# ITU T.81 Annex K (the IJG tables libjpeg and PIL start from), row-major over (v, u); libjpeg scales them by
+# 5000/q (q < 50) or 200 - 2q
+LUMA_TABLE = (
+    16, 11, 10, 16, 24, 40, 51, 61,
+    12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77,
+    24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101,
+    72, 92, 95, 98, 112, 100, 103, 99,
+)  # fmt: skip
+CHROMA_TABLE = (
+    17, 18, 24, 47, 99, 99, 99, 99,
+    18, 21, 26, 66, 99, 99, 99, 99,
+    24, 26, 56, 99, 99, 99, 99, 99,
+    47, 66, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99,
+)  # fmt: skip
 
 
 def estimate_jpeg_quality(path: Path) -> int | None:
@@ -31,7 +49,7 @@ def estimate_jpeg_quality(path: Path) -> int | None:
         return None
     qs = np.arange(1, 101)
     scale = np.where(qs < 50, 5000 // qs, 200 - 2 * qs)
-    tables = np.clip((_STD_LUMINANCE[None] * scale[:, None] + 50) // 100, 1, 255)
+    tables = np.clip((np.asarray(LUMA_TABLE)[None] * scale[:, None] + 50) // 100, 1, 255)
     # sums are order-free: Pillow versions differ on zigzag vs natural order
     return int(qs[np.argmin(np.abs(tables.sum(1) - table.sum()))])
 
