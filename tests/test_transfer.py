@@ -271,3 +271,15 @@ def test_the_printed_cells_name_their_training_set(store):
 
     table = cells_table(load_sweep(uri, SWEEP))
     assert sorted(table["train_on"]) == ["agiri", "cifake", "cifake+agiri"]
+
+
+def test_the_matrix_keeps_apart_the_modules_and_augmentations_a_sweep_varies():
+    """Trajectories of different attention modules are different conditions, never each other's seeds."""
+    rows = [{"trajectory": i, "train_on": "cifake", "srm": "pool1", "attention": att, "augment": "none", "augment_p": 0.5,
+             "lr": 1e-2, "momentum": 0.9, "batch_size": 32, "seed": 11 + i % 2, "cell_epochs": 2.0,
+             "cifake_test/auc": value + 0.01 * (i % 2), "agiri_test/auc": 0.5}
+            for i, (att, value) in enumerate([("srm", 0.9), ("srm", 0.9), ("se", 0.6), ("se", 0.6)])]
+    matrix = transfer_matrix(pd.DataFrame(rows))
+    auc = matrix[matrix["test_set"] == "cifake_test"].set_index("attention")
+    assert sorted(auc.index) == ["se", "srm"] and set(auc["n_trajectories"]) == {2}
+    assert auc.loc["srm", "mean"] == pytest.approx(0.905) and auc.loc["se", "mean"] == pytest.approx(0.605)

@@ -16,13 +16,16 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from fakedet.analysis.correlations import SETTINGS as CONDITION_SETTINGS
 from fakedet.analysis.resampling import t_mean
 from fakedet.analysis.roles import DEFAULT_TRAIN_ON
 
 TEST_METRICS = ("cifake_test/auc", "agiri_test/auc", "cifar100_test/real_recall", "cifar100_test_jpeg/real_recall")
 """The matrix's columns: ROC AUC on each labelled test set; CIFAR-100 holds only real images, so there the
 share predicted REAL (at threshold 0.5)."""
-SETTINGS = ("train_on", "srm", "lr", "momentum", "batch_size")  # what makes a condition; seeds replicate it
+# what makes a condition (the correlations' settings: placement, module, augmentation, rate, ...), the training
+# set first as the matrix's rows; seeds replicate it
+SETTINGS = ("train_on", *[c for c in CONDITION_SETTINGS if c != "train_on"])
 RULES = ("transfer_val", "intrinsic_val_loss", "intrinsic_val_acc", "patience")
 
 
