@@ -353,10 +353,10 @@ def condition_curves(points: pd.DataFrame, metric: str) -> list[Curve]:
     return sorted(curves, key=lambda c: (_placement_order(c.srm), c.lr, c.label))
 
 
-def _draw_curve(ax, curve: Curve, look: Look) -> None:
+def _draw_curve(ax, curve: Curve, look: Look, marker: str = "o") -> None:
     colour = placement_colour(curve.srm)
     ax.plot(curve.epoch, curve.mean, look.dash(curve.lr), color=colour, label=curve.label, linewidth=1.6,
-            marker="o", markersize=2.5)
+            marker=marker, markersize=2.5 if marker == "o" else 4)
     spread = curve.n >= 2
     if spread.any():
         ax.fill_between(curve.epoch, curve.mean - curve.sd, curve.mean + curve.sd, where=spread, color=colour,
@@ -662,6 +662,10 @@ def transfer_matrix(results: SweepResults, rules: Sequence[str] = ("transfer_val
                     grid[i, j] = row["mean"]
                     ci = (f"\n[{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if np.isfinite(row["ci_low"]) else "\nno interval")
                     ax.text(j, i, f"{row['mean']:.2f}{ci}\nn={int(row['n_trajectories'])}", ha="center", va="center", fontsize=8)
+        for i in np.flatnonzero(np.isnan(grid).all(axis=1)):  # say why a row is empty, not only leave it blank
+            why = (f"no {at[5:]} point: this training set has no such set to choose on" if at.startswith("rule=")
+                   else "not trained this long")
+            ax.text((len(columns) - 1) / 2, i, why, ha="center", va="center", fontsize=8, color="dimgrey")
         image = ax.imshow(grid, cmap="RdBu", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(columns)), columns, fontsize=8)
         ax.set_yticks(range(len(rows)), [f"train {r}" for r in rows], fontsize=LEGEND_PT)
@@ -707,18 +711,25 @@ def explain_view(results: SweepResults, dataset: str = "cifake_test", image: int
     metric = explain_metric(results, dataset)
     cells = results.finished_cells()
     look = Look.of(results)
-    placements = sorted(dict.fromkeys(cells["srm"]), key=_placement_order)
+    # a row per condition but learning rate: placement, and the module, augmentation or training set where
+    # the sweep varies them (else two modules at one placement would share a row and show one of them)
+    _, varying = _condition_columns(cells)
+    rows_by = ["srm"] + [c for c in varying if c != "lr"]
+    conditions = sorted({tuple(r) for r in cells[rows_by].itertuples(index=False)}, key=lambda t: (_placement_order(t[0]), t[1:]))
+    placements = [c[0] for c in conditions]
     lengths = sorted(cells["cell_epochs"].astype(float).unique())
     lr, seed = (sorted(cells["lr"].unique())[0], sorted(cells["seed"].unique())[0]) if len(cells) else (None, None)
     fig = Figure(figsize=(max(7.5, 1.5 * (len(lengths) + 1) + 4.5), max(4.2, 1.5 * len(placements) + 1.8)), layout="constrained")
     left, right = fig.subfigures(1, 2, width_ratios=[len(lengths) + 1, 4])
     grid = left.subplots(max(len(placements), 1), len(lengths) + 1, squeeze=False)
     shown = None
-    for r, srm in enumerate(placements):
+    for r, condition in enumerate(conditions):
+        srm = condition[0]
+        same = np.logical_and.reduce([cells[col] == value for col, value in zip(rows_by, condition)])
         for c, epochs in enumerate(lengths):
             ax = grid[r, c + 1]
             ax.set_xticks([]), ax.set_yticks([])
-            row = cells[(cells["srm"] == srm) & (cells["lr"] == lr) & (cells["seed"] == seed) & (cells["cell_epochs"] == epochs)]
+            row = cells[same & (cells["lr"] == lr) & (cells["seed"] == seed) & (cells["cell_epochs"] == epochs)]
             arrays = _explain_arrays(results, row["run_id"].iloc[0], dataset) if len(row) else None
             if r == 0:
                 ax.set_title(plural(epochs, "epoch"), fontsize=LEGEND_PT)
@@ -735,7 +746,9 @@ def explain_view(results: SweepResults, dataset: str = "cifake_test", image: int
             if "masks" in arrays:
                 ax.contour(arrays["masks"][k].astype(float), levels=[127.5], colors="white", linewidths=0.8)
             shown = (k, img, int(arrays["labels"][k]), int(arrays["rows"][k]))
-        grid[r, 0].set_ylabel(f"srm={srm}", color=placement_colour(srm), fontsize=LEGEND_PT)
+        # the module means nothing without a placement: the base model's row names none
+        shown_by = [c for c in rows_by[1:] if not (srm == "none" and c == "attention")]
+        grid[r, 0].set_ylabel("srm=" + _condition_label(pd.Series(dict(zip(rows_by, condition), lr=lr)), shown_by).replace(f" lr={lr:g}", ""), color=placement_colour(srm), fontsize=LEGEND_PT)
         grid[r, 0].set_xticks([]), grid[r, 0].set_yticks([])
     for r in range(len(placements)):
         if shown is not None:
@@ -750,8 +763,11 @@ def explain_view(results: SweepResults, dataset: str = "cifake_test", image: int
         ax.text(0.5, 0.5, "no Grad-CAM shares logged\n(budget.explain off, or an older sweep)", ha="center", va="center",
                 transform=ax.transAxes)
     curves = condition_curves(results.points, metric) if metric else []
-    for curve in curves:
-        _draw_curve(ax, curve, look)
+    markers = "os^Dvx*"  # colour is the placement: where other settings vary, a marker tells their lines apart
+    for i, curve in enumerate(curves):
+        _draw_curve(ax, curve, look, markers[i % len(markers)] if len(rows_by) > 1 else "o")
+    if len(rows_by) > 1 and curves:  # colour says placement only: name each line's module, augmentation, set
+        ax.legend(fontsize=6, frameon=False, loc="best")
     even = f"{dataset}/cam_bg_area" if metric and "bg_share" in metric else None
     if even and even in results.points:
         ax.axhline(float(results.points[even].mean()), color="black", linestyle=":", linewidth=1)

@@ -141,7 +141,7 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
     from fakedet.sweep.store import default_tracking_uri, mlflow_ui_command
 
     kind = request.kind
-    meta, bundle = None, None
+    meta, bundle, by_seed = None, None, False
     if request.resume:
         meta = check_resumable(read_sweep_file(storage, name, kind), storage)  # again, now that the lock is held
         choices = recorded_choices(meta)
@@ -149,6 +149,7 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
         study = resumed_study(request, meta)
         # the bundle size chosen when the sweep started (older sweep files kept it as the `bundle` choice)
         bundle = meta.get("bundle_size") or (choices.get("bundle") if isinstance(choices.get("bundle"), int) else None)
+        by_seed = bool(meta.get("bundle_by_seed", False))
     elif sweep_exists(storage, name):
         raise StudyError(f"a sweep named {name!r} already exists under {storage}; "
                          f"continue it with --resume {name}, or choose another --name")
@@ -165,10 +166,12 @@ def _run_locked(request: SweepRequest, storage: str, name: str, study: Study | N
             return 0
         check_restorable(storage, name, parent.data.tags, request.trust_changed_state)
     # Ray, Optuna and the data layer load only now: a refused pre-flight answers without them
-    from fakedet.sweep.execute import ray_resources, run_sweep
+    from fakedet.sweep.execute import ray_cpus, ray_resources, run_sweep
     from fakedet.sweep.plan import build_plan
 
-    plan = build_plan(request, study, name, ray_resources(request), bundle=bundle)
+    # a resumed sweep rebuilds the trials it recorded: no new bundling choice (capacity is not asked)
+    plan = build_plan(request, study, name, ray_resources(request), bundle=bundle, by_seed=by_seed,
+                      capacity=None if meta else ray_cpus)
     if not meta:  # a resumed sweep's checkpoints are partly there already: its disk was checked when it started
         from fakedet.sweep.preflight import check_free_space, storage_estimate
 

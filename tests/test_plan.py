@@ -321,3 +321,55 @@ def test_an_existing_sweep_name_is_refused_unless_resuming(tmp_path, capsys):
     assert main(["ablation", "--smoke", "--name", "taken", "--storage-path", str(tmp_path / "ray_results")]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "--resume taken" in err
+
+
+def test_auto_on_cpus_bundles_one_seed_as_a_wide_network_and_never_idles_a_cpu():
+    from fakedet.bundle import wide_supported
+    from fakedet.sweep.plan import cpu_wide_bundle, wide_config
+    from fakedet.train import build_initial
+
+    # the main job's stand-in grid: 3 placements x 2 rates x 2 seeds; a same-seed group holds the 2 rates
+    request = request_from("ablation")
+    study = resolve_study(request)
+    plan = build_plan(request, study, "p", lambda budget: dict(CPU), capacity=lambda: 2.0)
+    assert plan.bundle == 2 and plan.bundle_by_seed and plan.total_trials == 6
+    for trial in plan.trials:
+        configs = [t.config for t in trial.trajectories]
+        assert len({c.seed for c in configs}) == 1 and len({bundle_key(c) for c in configs}) == 1
+        assert len({c.lr for c in configs}) == 2
+    # 12 trajectories on 8 CPUs: bundles of 2 would leave 6 trials for 8 CPUs, so none
+    assert build_plan(request, study, "p", lambda budget: dict(CPU), capacity=lambda: 8.0).bundle == 1
+    # --max-concurrent caps the slots: 1 at a time lets the largest group bundle
+    capped = request_from("ablation", "--max-concurrent", "1")
+    assert build_plan(capped, resolve_study(capped), "p", lambda budget: dict(CPU), capacity=lambda: 8.0).bundle == 2
+    # the smoke grid has one rate: no two trajectories share a seed and a network
+    smoke = request_from("ablation", "--smoke")
+    assert build_plan(smoke, resolve_study(smoke), "p", lambda budget: dict(CPU), capacity=lambda: 2.0).bundle == 1
+    # GPUs, a number, and a resumed sweep (no capacity asked) keep their own choice
+    assert not build_plan(request, study, "p", lambda budget: dict(GPU), capacity=lambda: 2.0).bundle_by_seed
+    single = request_from("ablation", "--bundle", "1")
+    assert build_plan(single, resolve_study(single), "p", lambda b: dict(CPU), capacity=lambda: 2.0).bundle == 1
+    assert plan_for(request).bundle == 1
+    # a module the wide form does not know trains alone under by_seed
+    attention = Study.load("attention")
+    trajectories = attention.trajectories()
+    assert cpu_wide_bundle(trajectories, attention.budget, 1) == 1
+    # the config-level test agrees with the module-level one for every placement and module
+    for srm in ("none", "pool1", "pool2", "both"):
+        for module in ("srm", "se", "eca", "cbam"):
+            cfg = TrainConfig(srm=srm, attention=module)
+            assert wide_config(cfg) == wide_supported(build_initial(cfg, "cpu")), (srm, module)
+
+
+def test_a_resumed_wide_bundled_sweep_rebuilds_the_same_trials(tmp_path):
+    request = request_from("ablation", "--name", "w1")
+    plan = build_plan(request, resolve_study(request), "w1", lambda budget: dict(CPU), capacity=lambda: 2.0)
+    storage = str(tmp_path / "ray_results")
+    write_sweep_file(storage, "w1", {"kind": "ablation", "name": "w1", "request": request.recorded(), "bundle_size": plan.bundle,
+                                     "bundle_by_seed": plan.bundle_by_seed, "study": plan.study.sections(),
+                                     "study_source": plan.study.source})
+    meta = read_sweep_file(storage, "w1", "ablation")
+    later = request_from("ablation", "--resume", "w1").resumed(meta["name"], recorded_choices(meta))
+    again = build_plan(later, recorded_study(meta, "sweep file"), "w1", lambda b: dict(CPU), bundle=meta["bundle_size"],
+                       by_seed=meta["bundle_by_seed"])
+    assert again.trials == plan.trials and again.bundle_by_seed

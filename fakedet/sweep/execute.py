@@ -233,6 +233,11 @@ def ray_resources(request: SweepRequest) -> Callable[[Budget], dict[str, float]]
     return resources
 
 
+def ray_cpus() -> float:
+    """The CPUs of the Ray that `ray_resources` started or joined."""
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
 def check_satisfiable(per_trial: dict[str, float], cluster: dict[str, float]) -> None:
     """Refuse a trial that asks a fixed-size (local) Ray for more CPUs or GPUs than it has."""
     for key, ray_key, flag in (("cpu", "CPU", "--cpus-per-trial"), ("gpu", "GPU", "--gpus-per-trial")):
@@ -324,7 +329,8 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
             say(note)
     resources = plan.resources
     if plan.bundle > 1:
-        say(f"bundles: up to {plan.bundle} trajectories per trial, one fused step each ({plan.total_trials} trials)")
+        form = "one seed each, one wide network's step" if plan.bundle_by_seed else "one fused step each"
+        say(f"bundles: up to {plan.bundle} trajectories per trial, {form} ({plan.total_trials} trials)")
     say(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
         f"each trial asks for {resources}; results under {storage}/{plan.name}")
 
@@ -346,7 +352,8 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, storage: str, tracking_uri
             "kind": plan.kind, "name": plan.name, "tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
             "experiment": experiment, "parent_run_id": tracking.parent_run_id,
             # the request and the resolved study: --resume and cutoff run these, not today's study file
-            "request": request.recorded(), "bundle_size": plan.bundle, "study": plan.study.sections(),
+            "request": request.recorded(), "bundle_size": plan.bundle,
+            "bundle_by_seed": plan.bundle_by_seed, "study": plan.study.sections(),
             "study_source": plan.study.source, "cache": str(cache), "data_hash": data_hash, **record})
     if request.crash_once_after_step:
         plan = plan.with_faults(FaultInjection(request.crash_once_after_step, f"{storage}/{plan.name}/crash_once.marker"))

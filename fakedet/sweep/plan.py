@@ -33,6 +33,8 @@ class SweepPlan:
     """what each trial asks Ray for"""
     bundle: int = 1
     """trajectories per trial at most (ablation; recorded, so a resumed sweep rebuilds the same trials)"""
+    bundle_by_seed: bool = False
+    """bundles hold one seed each, so that they step as one wide network (`auto` on CPUs; recorded too)"""
 
     @property
     def trajectory_count(self) -> int:
@@ -95,9 +97,8 @@ def trial_resources(budget: Budget, request: SweepRequest, cluster_gpus: float) 
 
 
 def bundle_size(kind: str, budget: Budget, trajectories: int, resources: dict[str, float]) -> int:
-    """Trajectories per trial: the study's (or --bundle's) number, or for `auto` 1 where trials get no
-    GPU (on this project's 2-core CPU, vmap over 8 copies of the net ran at 0.76x training them one
-    after another) and, where they do, as many as the grid holds up to `max_bundle`."""
+    """Trajectories per trial: the study's (or --bundle's) number, or for `auto` on GPUs as many as the grid
+    holds up to `max_bundle`. `auto` without GPUs is `cpu_wide_bundle`'s choice, not this one's: 1 here."""
     if kind != "ablation":
         return 1
     if budget.bundle == "auto":
@@ -105,15 +106,48 @@ def bundle_size(kind: str, budget: Budget, trajectories: int, resources: dict[st
     return budget.bundle
 
 
-def bundled(trajectories: list[Trajectory], k: int) -> tuple[TrialSpec, ...]:
-    """Trials of up to `k` trajectories: those that can share one fused step (same `bundle_key`) are chunked
-    together; with k = 1, one trial per trajectory in the grid's order."""
+def wide_config(cfg) -> bool:
+    """Whether a config's network is one `fakedet.bundle.wide_supported` knows (the tutorial CNN with SRM or
+    nothing in its slots), read off the config; tests/test_plan.py checks the two agree."""
+    return cfg.arch == "cifar_cnn" and (cfg.srm == "none" or cfg.attention == "srm")
+
+
+def cpu_wide_bundle(trajectories: list[Trajectory], budget: Budget, slots: float) -> int:
+    """`auto`'s bundle size where trials get no GPU: trajectories that share a seed (so every batch) and a
+    wide-capable network step as one wide network (`fakedet.bundle.WideStepper`), which trained 1.11-1.25x
+    (medians; K = 2, 3) and 1.35-1.46x (K = 4, 8) the images per CPU-second of the models one after
+    another on this project's 2-core machine (benchmarks/bench_steppers.py, 5 repeats); the vmap bundle,
+    0.6-0.8x there, is never chosen on a CPU. The largest size up to `max_bundle` that still leaves at least
+    `slots` trials (trials Ray can run at once), so bundling never idles a CPU; 1 if no such size exists."""
+    if budget.bundle != "auto":
+        return 1
+    largest = max((len(ts) for ts in _groups(trajectories, by_seed=True).values()), default=1)
+    for k in range(min(budget.max_bundle, largest), 1, -1):
+        if len(bundled(trajectories, k, by_seed=True)) >= slots:
+            return k
+    return 1
+
+
+def _groups(trajectories: list[Trajectory], by_seed: bool) -> dict[tuple, list[Trajectory]]:
+    groups: dict[tuple, list[Trajectory]] = {}
+    for i, t in enumerate(trajectories):
+        if not by_seed:
+            key = bundle_key(t.config)
+        elif wide_config(t.config):
+            key = (*bundle_key(t.config), t.config.seed)
+        else:  # a network the wide form does not know trains alone (vmap does not pay on a CPU)
+            key = ("alone", i)
+        groups.setdefault(key, []).append(t)
+    return groups
+
+
+def bundled(trajectories: list[Trajectory], k: int, by_seed: bool = False) -> tuple[TrialSpec, ...]:
+    """Trials of up to `k` trajectories: those that can share one fused step (same `bundle_key`, and with
+    `by_seed` the same seed and a wide-capable network) are chunked together; with k = 1, one trial per
+    trajectory in the grid's order."""
     if k == 1:
         return tuple(TrialSpec((t,)) for t in trajectories)
-    groups: dict[tuple, list[Trajectory]] = {}
-    for t in trajectories:
-        groups.setdefault(bundle_key(t.config), []).append(t)
-    return tuple(TrialSpec(tuple(ts[i:i + k])) for ts in groups.values() for i in range(0, len(ts), k))
+    return tuple(TrialSpec(tuple(ts[i:i + k])) for ts in _groups(trajectories, by_seed).values() for i in range(0, len(ts), k))
 
 
 def sweep_name(request: SweepRequest, study: Study) -> str:
@@ -121,10 +155,10 @@ def sweep_name(request: SweepRequest, study: Study) -> str:
 
 
 def build_plan(request: SweepRequest, study: Study, name: str, resources: Callable[[Budget], dict[str, float]],
-               bundle: int | None = None) -> SweepPlan:
+               bundle: int | None = None, by_seed: bool = False, capacity: Callable[[], float] | None = None) -> SweepPlan:
     """The sweep's final trials. The grid is expanded and checked first; only then is `resources(budget)`
-    asked what each trial gets (it may start Ray), which decides the bundle size (`bundle`: the one a
-    resumed sweep recorded)."""
+    asked what each trial gets (it may start Ray), which decides the bundle size (`bundle`, `by_seed`: what a
+    resumed sweep recorded). `capacity()`: the cluster's CPUs, asked only for `auto` without GPUs."""
     if isinstance(study.spec, HpoFile):
         if study.budget.bundle not in ("auto", 1):
             raise StudyError(f"{study.source}: [budget] bundle: HPO trials train one sampled configuration each; use 1 or auto")
@@ -134,6 +168,15 @@ def build_plan(request: SweepRequest, study: Study, name: str, resources: Callab
         return SweepPlan(request.kind, study, name, (), template, space, study.spec.budget.num_samples, resources(study.budget))
     trajectories = study.trajectories()
     per_trial = resources(study.budget)
-    k = bundle or bundle_size(request.kind, study.budget, len(trajectories), per_trial)
-    trials = tuple(replace(t, explain=study.budget.explain) for t in bundled(trajectories, k))
-    return SweepPlan(request.kind, study, name, trials, None, {TRIAL_KEY: tune.grid_search(list(trials))}, len(trials), per_trial, k)
+    if bundle is None and request.kind == "ablation" and study.budget.bundle == "auto" and per_trial.get("gpu", 0) <= 0 \
+            and capacity is not None:
+        slots = capacity() // per_trial.get("cpu", 1.0)
+        if request.max_concurrent:
+            slots = min(slots, request.max_concurrent)
+        k = cpu_wide_bundle(trajectories, study.budget, max(slots, 1))
+        by_seed = k > 1
+    else:
+        k = bundle or bundle_size(request.kind, study.budget, len(trajectories), per_trial)
+    trials = tuple(replace(t, explain=study.budget.explain) for t in bundled(trajectories, k, by_seed))
+    return SweepPlan(request.kind, study, name, trials, None, {TRIAL_KEY: tune.grid_search(list(trials))}, len(trials), per_trial, k,
+                     by_seed and k > 1)

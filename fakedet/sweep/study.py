@@ -161,9 +161,11 @@ class Budget(_Section):
     max_failures: NonNegativeInt = 2
     """A crashed trial is retried from its last checkpoint this many times (Ray's -1, forever, is refused)."""
     bundle: PositiveInt | Literal["auto"] = "auto"
-    """Trajectories trained together in one trial (one fused step, `fakedet.bundle`): `auto` is 1 where
-    the cluster has no GPU (bundling does not pay on a CPU) and, on GPUs, as many as the grid allows up to
-    `max_bundle`. HPO trials train one sampled configuration each."""
+    """Trajectories trained together in one trial (one fused step, `fakedet.bundle`): `auto` on GPUs is as
+    many as the grid allows up to `max_bundle`; where trials get no GPU it bundles only trajectories that
+    share a seed and a wide-capable network, which step as one wide network (vmap does not pay on a CPU),
+    and only while every CPU keeps a trial (`fakedet.sweep.plan.cpu_wide_bundle`). HPO trials train one
+    sampled configuration each."""
     explain: bool = True
     """Where each model looks (`fakedet.explain`): Grad-CAM shares on a fixed probe set (16 REAL + 16 FAKE
     per evaluation set) at every evaluation point, and its maps and gates as `explain/` artifacts at each
