@@ -328,26 +328,26 @@ def test_auto_on_cpus_bundles_one_seed_as_a_wide_network_and_never_idles_a_cpu()
     from fakedet.sweep.plan import cpu_wide_bundle, wide_config
     from fakedet.train import build_initial
 
-    # the main job's stand-in grid: 3 placements x 2 rates x 2 seeds; a same-seed group holds the 2 rates
-    request = request_from("ablation")
+    # 3 placements x 4 rates x 1 seed: a same-seed group holds the 4 rates
+    request = request_from("ablation", "--lr", "1e-4,1e-3,1e-2,3e-2", "--seeds", "1")
     study = resolve_study(request)
     plan = build_plan(request, study, "p", lambda budget: dict(CPU), capacity=lambda: 2.0)
-    assert plan.bundle == 2 and plan.bundle_by_seed and plan.total_trials == 6
+    assert plan.bundle == 4 and plan.bundle_by_seed and plan.total_trials == 3
     for trial in plan.trials:
         configs = [t.config for t in trial.trajectories]
         assert len({c.seed for c in configs}) == 1 and len({bundle_key(c) for c in configs}) == 1
-        assert len({c.lr for c in configs}) == 2
-    # 12 trajectories on 8 CPUs: bundles of 2 would leave 6 trials for 8 CPUs, so none
+        assert len({c.lr for c in configs}) == 4
+    # on 8 CPUs bundles of 4 would leave 3 trials for 8 CPUs, and smaller ones do not pay: none
     assert build_plan(request, study, "p", lambda budget: dict(CPU), capacity=lambda: 8.0).bundle == 1
-    # --max-concurrent caps the slots: 1 at a time lets the largest group bundle
-    capped = request_from("ablation", "--max-concurrent", "1")
-    assert build_plan(capped, resolve_study(capped), "p", lambda budget: dict(CPU), capacity=lambda: 8.0).bundle == 2
-    # the smoke grid has one rate: no two trajectories share a seed and a network
-    smoke = request_from("ablation", "--smoke")
-    assert build_plan(smoke, resolve_study(smoke), "p", lambda budget: dict(CPU), capacity=lambda: 2.0).bundle == 1
+    # --max-concurrent caps the slots: 2 at a time lets the groups bundle again
+    capped = request_from("ablation", "--lr", "1e-4,1e-3,1e-2,3e-2", "--seeds", "1", "--max-concurrent", "2")
+    assert build_plan(capped, resolve_study(capped), "p", lambda budget: dict(CPU), capacity=lambda: 8.0).bundle == 4
+    # the main job's stand-in grid has 2 rates: pairs do not pay (CPU_WIDE_MIN), so one trajectory per trial
+    main = request_from("ablation")
+    assert build_plan(main, resolve_study(main), "p", lambda budget: dict(CPU), capacity=lambda: 2.0).bundle == 1
     # GPUs, a number, and a resumed sweep (no capacity asked) keep their own choice
     assert not build_plan(request, study, "p", lambda budget: dict(GPU), capacity=lambda: 2.0).bundle_by_seed
-    single = request_from("ablation", "--bundle", "1")
+    single = request_from("ablation", "--lr", "1e-4,1e-3,1e-2,3e-2", "--seeds", "1", "--bundle", "1")
     assert build_plan(single, resolve_study(single), "p", lambda b: dict(CPU), capacity=lambda: 2.0).bundle == 1
     assert plan_for(request).bundle == 1
     # a module the wide form does not know trains alone under by_seed
@@ -362,7 +362,7 @@ def test_auto_on_cpus_bundles_one_seed_as_a_wide_network_and_never_idles_a_cpu()
 
 
 def test_a_resumed_wide_bundled_sweep_rebuilds_the_same_trials(tmp_path):
-    request = request_from("ablation", "--name", "w1")
+    request = request_from("ablation", "--lr", "1e-4,1e-3,1e-2,3e-2", "--seeds", "1", "--name", "w1")
     plan = build_plan(request, resolve_study(request), "w1", lambda budget: dict(CPU), capacity=lambda: 2.0)
     storage = str(tmp_path / "ray_results")
     write_sweep_file(storage, "w1", {"kind": "ablation", "name": "w1", "request": request.recorded(), "bundle_size": plan.bundle,

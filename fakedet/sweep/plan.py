@@ -112,17 +112,22 @@ def wide_config(cfg) -> bool:
     return cfg.arch == "cifar_cnn" and (cfg.srm == "none" or cfg.attention == "srm")
 
 
+CPU_WIDE_MIN = 4
+"""The smallest wide bundle `auto` makes on CPUs. Wide bundles trained 1.35-1.46x the images per CPU-second
+of the models one after another at K = 4 and 8 on this project's 2-core machine, but only 1.03-1.25x at
+K = 2 and 3 (benchmarks/bench_steppers.py, medians of 5 repeats, two runs), and the main job bundled in
+pairs took as long as unbundled end to end (benchmarks/bench_sweep.py: 526 s against 520 s, one run each)."""
+
+
 def cpu_wide_bundle(trajectories: list[Trajectory], budget: Budget, slots: float) -> int:
     """`auto`'s bundle size where trials get no GPU: trajectories that share a seed (so every batch) and a
-    wide-capable network step as one wide network (`fakedet.bundle.WideStepper`), which trained 1.11-1.25x
-    (medians; K = 2, 3) and 1.35-1.46x (K = 4, 8) the images per CPU-second of the models one after
-    another on this project's 2-core machine (benchmarks/bench_steppers.py, 5 repeats); the vmap bundle,
-    0.6-0.8x there, is never chosen on a CPU. The largest size up to `max_bundle` that still leaves at least
-    `slots` trials (trials Ray can run at once), so bundling never idles a CPU; 1 if no such size exists."""
+    wide-capable network step as one wide network (`fakedet.bundle.WideStepper`); the vmap bundle, 0.6-0.8x
+    on a CPU, is never chosen. The largest size from `CPU_WIDE_MIN` up to `max_bundle` that still leaves at
+    least `slots` trials (trials Ray can run at once), so bundling never idles a CPU; 1 if none does."""
     if budget.bundle != "auto":
         return 1
     largest = max((len(ts) for ts in _groups(trajectories, by_seed=True).values()), default=1)
-    for k in range(min(budget.max_bundle, largest), 1, -1):
+    for k in range(min(budget.max_bundle, largest), CPU_WIDE_MIN - 1, -1):
         if len(bundled(trajectories, k, by_seed=True)) >= slots:
             return k
     return 1
