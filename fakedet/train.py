@@ -337,10 +337,12 @@ class CudaStepGraph:
     """A step captured with `torch.cuda.graph` on the device (its own memory pool). The capture records
     the kernels without running them; `GraphStepper` replays it once to take the step."""
 
-    def __init__(self, device: torch.device, step: Callable[[], torch.Tensor]) -> None:
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream, step: Callable[[], torch.Tensor]) -> None:
         self.device, self.graph = device, torch.cuda.CUDAGraph()
-        # thread_local: a CUDA call from another thread of the process (Ray's, MLflow's) must not void the capture
-        with torch.cuda.device(device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # thread_local: a CUDA call from another thread of the process (Ray's, MLflow's) must not void the
+        # capture. `stream`: the warm-up's, so that what libraries set up per stream (cuBLAS's workspace)
+        # exists before the capture rather than being made inside it
+        with torch.cuda.device(device), torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             self.output = step()
 
     def replay(self) -> None:
@@ -362,7 +364,7 @@ class GraphBackend(Protocol):
 
 class CudaGraphs:
     """Warm-up steps on a side stream (ordered after and before the loop's stream), captures with
-    `CudaStepGraph`."""
+    `CudaStepGraph` on that same stream."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.side = device, torch.cuda.Stream(device)
@@ -377,7 +379,7 @@ class CudaGraphs:
         return out
 
     def capture(self, step: Callable[[], torch.Tensor]) -> StepGraph:
-        return CudaStepGraph(self.device, step)
+        return CudaStepGraph(self.device, self.side, step)
 
 
 class GraphStepper:
