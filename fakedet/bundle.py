@@ -38,11 +38,11 @@ from fakedet.models import SRM, CifarTutorialCNN
 from fakedet.preprocess import preprocess
 
 SHARED_FIELDS = ("arch", "srm", "attention", "augment", "augment_p", "augment_sigma", "augment_quality", "batch_size",
-                 "shuffle", "epochs", "eval_at", "device", "deterministic", "train_on")
+                 "shuffle", "epochs", "eval_at", "device", "deterministic", "cuda_graph", "train_on")
 """Config fields every model of a bundle must share: they fix the network's shape, the augmentation (one
 batched blur and JPEG pass over every model's batch; each model's draws follow its own seed), the training
-set, the steps and the evaluation points, the device, and the process-wide GPU algorithm choice the loop runs
-under. lr, momentum and seed may differ; eval_batch_size (no effect on results) is the first config's."""
+set, the steps and the evaluation points, the device, the process-wide GPU algorithm choice the loop runs
+under and whether its one stepper replays a CUDA graph. lr, momentum and seed may differ; eval_batch_size (no effect on results) is the first config's."""
 
 
 def bundle_key(cfg: TrainConfig) -> tuple:

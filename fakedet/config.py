@@ -175,6 +175,12 @@ class TrainConfig:
     True: deterministic algorithms (`torch.use_deterministic_algorithms`, `cudnn.deterministic`,
     `CUBLAS_WORKSPACE_CONFIG=:4096:8`): GPU runs repeat bit for bit on the same GPU model and
     software, at the cost of the faster algorithms (README, "GPU", gives the measured cost)."""
+    cuda_graph: bool = False
+    """CUDA only: capture the training step (one model or a bundle) once into a CUDA graph and replay it,
+    one launch per step instead of a few dozen kernel launches (`fakedet.train.GraphStepper`). The same
+    kernels on the same buffers: in the deterministic mode equal to eager steps bit for bit is what
+    tests/test_gpu.py checks. Off by default until it is measured on a GPU (benchmarks/gpu_check.sh). On
+    the CPU it has no effect (the steps run eagerly)."""
 
     def __post_init__(self) -> None:
         checked = _check(self.to_dict())

@@ -2,7 +2,8 @@
 bundles call `train_models` (K >= 1 models), which `train` is with one config.
 
 The loop is the same for every K; only its stepper differs: one model steps as a plain module with
-`torch.optim.SGD` (`ModuleStepper`), several as one vmapped stack (`fakedet.bundle.StackedStepper`).
+`torch.optim.SGD` (`ModuleStepper`), several as one vmapped stack (`fakedet.bundle.StackedStepper`), and on a
+GPU `GraphStepper` can replay either from a CUDA graph (`TrainConfig.cuda_graph`).
 Input checks, initialisation, resume, batch order, evaluation records, snapshots (`STATE_FORMAT`), the
 float32 and deterministic settings and the result are shared, so a bundled model's state resumes alone
 and a solo state resumes inside a bundle.
@@ -243,7 +244,8 @@ class Stepper(Protocol):
     """How the loop advances its K live models (rows, in the order of the loop's live models).
 
     `ModuleStepper` (K = 1) runs the plain module and `torch.optim.SGD`; `fakedet.bundle.StackedStepper`
-    (K > 1) runs all rows as one vmapped model. Neither waits for the device in `step`.
+    (K > 1) runs all rows as one vmapped model (`WideStepper`: as one wide network). `GraphStepper` replays
+    any of them from a CUDA graph. None waits for the device in `step`.
     """
 
     def __len__(self) -> int: ...
@@ -293,9 +295,11 @@ class ModuleStepper:
     def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx[0]
         loss = self.criterion(self.model(self.batch(images_uint8[idx])), labels[idx])
-        self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._optimizer.step()
+        # the gradients go after the step, not before the next: every backward pass then allocates them
+        # afresh (a CUDA graph's capture takes them into its own memory) and no model leaves with them
+        self._optimizer.zero_grad(set_to_none=True)
         return loss.detach().reshape(1)
 
     def logits(self, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
@@ -310,6 +314,177 @@ class ModuleStepper:
     def keep(self, rows: Sequence[int]) -> None:
         if list(rows) != [0]:
             raise ValueError(f"a one-model stepper keeps its one row, not {list(rows)}")
+
+
+GRAPH_WARMUP = 3
+"""Eager steps before a capture (and again after models leave a bundle): torch's CUDA-graph notes warm a
+captured region up on a side stream first, so that lazy set-up (cuBLAS handles, cuDNN's benchmarked
+algorithm for each shape, the optimizer's momentum buffers) happens outside the capture; they use 3."""
+
+
+class StepGraph(Protocol):
+    """One captured training step: `replay` runs it again on the buffers it was captured on, after which
+    `output` (always the same tensor) holds its losses."""
+
+    output: torch.Tensor
+
+    def replay(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class CudaStepGraph:
+    """A step captured with `torch.cuda.graph` on the device (its own memory pool). The capture records
+    the kernels without running them; `GraphStepper` replays it once to take the step."""
+
+    def __init__(self, device: torch.device, step: Callable[[], torch.Tensor]) -> None:
+        self.device, self.graph = device, torch.cuda.CUDAGraph()
+        # thread_local: a CUDA call from another thread of the process (Ray's, MLflow's) must not void the capture
+        with torch.cuda.device(device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.output = step()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    def release(self) -> None:
+        # a replay may still run on the device: its buffers are freed only once it has ended
+        torch.cuda.current_stream(self.device).synchronize()
+        self.graph.reset()
+
+
+class GraphBackend(Protocol):
+    """How `GraphStepper` warms up and captures: `CudaGraphs` on a GPU; tests replay in Python."""
+
+    def warm(self, step: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+
+    def capture(self, step: Callable[[], torch.Tensor]) -> StepGraph: ...
+
+
+class CudaGraphs:
+    """Warm-up steps on a side stream (ordered after and before the loop's stream), captures with
+    `CudaStepGraph`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.side = device, torch.cuda.Stream(device)
+
+    def warm(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        current = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
+            out = step()
+        current.wait_stream(self.side)
+        out.record_stream(current)  # used on the loop's stream: its memory is not reused on the side stream before
+        return out
+
+    def capture(self, step: Callable[[], torch.Tensor]) -> StepGraph:
+        return CudaStepGraph(self.device, step)
+
+
+class GraphStepper:
+    """Any stepper's training step captured once and replayed (`TrainConfig.cuda_graph`): on a GPU a step of
+    this 61k-parameter network is a few dozen kernels of microseconds each, bound by their launches; a
+    replay launches them all at once. Evaluation, snapshots and `keep` go to the wrapped stepper.
+
+    The capture holds the step's buffers: the batch index `idx` is copied into a buffer of its own every
+    step; the images and labels are the very tensors the capture saw (the training set on the device, the
+    same every step) or, with `copy_inputs` (augmented batches, new tensors every step), copied into
+    buffers of their shapes. The parameters, momentum buffers and BatchNorm statistics are updated in
+    place, as eagerly. A step the capture cannot take (another batch shape, such as `full` shuffling's
+    shorter last batch, or other tensors without `copy_inputs`) runs eagerly; so do the first
+    `GRAPH_WARMUP` steps and, after `keep` (models leaving a bundle change its shapes), the next
+    `GRAPH_WARMUP` before a new capture. `replayed`, `eager` and `captures` count them.
+    """
+
+    def __init__(self, inner: Stepper, device: torch.device, copy_inputs: bool = False, warmup: int = GRAPH_WARMUP,
+                 backend: GraphBackend | None = None) -> None:
+        if backend is None:
+            if device.type != "cuda":
+                raise ValueError(f"a CUDA graph needs a CUDA device, not {device}")
+            backend = CudaGraphs(device)
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 eager step before a capture, got {warmup}")
+        self.inner, self.device, self.copy_inputs, self.warmup, self.backend = inner, device, copy_inputs, warmup, backend
+        self.graph: StepGraph | None = None
+        self.replayed = self.eager = self.captures = 0
+        self._warmed, self._last_shapes, self._captured_shapes = 0, None, None
+        self._idx: torch.Tensor | None = None
+        self._images: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    @staticmethod
+    def _shapes(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> tuple:
+        return tuple(images.shape), tuple(labels.shape), tuple(idx.shape)
+
+    def _fits(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> bool:
+        if self._shapes(images, labels, idx) != self._captured_shapes:
+            return False
+        return self.copy_inputs or (images.data_ptr() == self._images.data_ptr() and labels.data_ptr() == self._labels.data_ptr())
+
+    def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            if not self._fits(images_uint8, labels, idx):
+                self.eager += 1
+                return self.inner.step(images_uint8, labels, idx)
+            self._idx.copy_(idx)
+            if self.copy_inputs:
+                self._images.copy_(images_uint8)
+                self._labels.copy_(labels)
+            self.graph.replay()
+            self.replayed += 1
+            return self.graph.output.clone()
+        shapes = self._shapes(images_uint8, labels, idx)
+        if self._warmed < self.warmup or shapes != self._last_shapes:
+            # a capture takes the shape of the steps before it, never a one-off (a shorter last batch)
+            self._warmed = self._warmed + 1 if shapes == self._last_shapes else 1
+            self._last_shapes = shapes
+            self.eager += 1
+            return self.backend.warm(lambda: self.inner.step(images_uint8, labels, idx))
+        with host_sync_allowed(self.device):  # a capture begins by waiting for the device
+            self._captured_shapes = shapes
+            self._idx = idx.clone()
+            self._images, self._labels = ((images_uint8.clone(), labels.clone()) if self.copy_inputs
+                                          else (images_uint8, labels))
+            self.graph = self.backend.capture(lambda: self.inner.step(self._images, self._labels, self._idx))
+            self.captures += 1
+        self.graph.replay()  # the capture only recorded this step: take it
+        self.replayed += 1
+        return self.graph.output.clone()
+
+    def logits(self, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
+        return self.inner.logits(images_uint8, batch_size)
+
+    def module(self, row: int) -> nn.Module:
+        return self.inner.module(row)
+
+    def optimizer(self, row: int) -> torch.optim.SGD:
+        return self.inner.optimizer(row)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.inner.keep(rows)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the capture and its buffers; the next steps warm up and capture again."""
+        if self.graph is not None:
+            self.graph.release()
+        self.graph, self._warmed, self._last_shapes = None, 0, None
+        self._idx = self._images = self._labels = None
+
+
+def stepper_for(cfgs: Sequence[TrainConfig], models: Sequence[nn.Module], optimizers: Sequence[torch.optim.SGD],
+                device: torch.device) -> Stepper:
+    """The loop's stepper: `ModuleStepper` for one model, `fakedet.bundle.bundle_stepper` for several, inside
+    a `GraphStepper` where the configs ask for `cuda_graph` and the device is a GPU (elsewhere it has no
+    effect: the steps run eagerly)."""
+    first = cfgs[0]
+    stepper: Stepper = (ModuleStepper(models[0], optimizers[0], device) if len(cfgs) == 1
+                        else bundle_stepper(cfgs, models, optimizers))
+    if first.cuda_graph and device.type == "cuda":
+        stepper = GraphStepper(stepper, device, copy_inputs=first.augment != "none")
+    return stepper
 
 
 @dataclass
@@ -443,8 +618,7 @@ def _train(
             raise ValueError(f"cannot bundle resumed models at different steps {starts}; resume them at one step")
         step = starts[0]
         points = [p for p in points if p > step]
-        stepper: Stepper = (ModuleStepper(models[0], optimizers[0], device) if n_models == 1
-                            else bundle_stepper(cfgs, models, optimizers))
+        stepper = stepper_for(cfgs, models, optimizers, device)
 
         # Every set goes to the device once, as uint8 (1 byte a value: 276 MB for CIFAKE's 90k training
         # images, not the 1.1 GB of a float32 copy), shared by all models; each step gathers its batches
@@ -565,7 +739,7 @@ def _check_resumable(state: dict[str, Any], cfg: TrainConfig) -> None:
     saved = dict(state["config"])
     # A resumed run may train longer or evaluate elsewhere; everything that shapes the trajectory must match.
     # The device and the GPU algorithm choice change rounding only, not the arithmetic asked for.
-    ignore = {"epochs", "eval_at", "eval_batch_size", "device", "deterministic"}
+    ignore = {"epochs", "eval_at", "eval_batch_size", "device", "deterministic", "cuda_graph"}
     ours = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
     theirs = {k: v for k, v in saved.items() if k not in ignore}
     if ours != theirs:

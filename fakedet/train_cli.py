@@ -44,6 +44,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic GPU algorithms: GPU runs repeat bit for bit, a little slower (CPU runs always do)")
+    p.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="capture the training step into a CUDA graph and replay it (CUDA only; no effect on the CPU)")
     p.add_argument("--out", type=Path, default=Path("checkpoints/model.pt"), help="checkpoint path (default: checkpoints/model.pt)")
     p.add_argument("--history", type=Path, help="also write the evaluation history as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny data and one epoch: a check that everything runs")
@@ -59,7 +61,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     if args.smoke:
         values["epochs"] = 1
-    for name in ("arch", "srm", "epochs", "lr", "momentum", "batch_size", "shuffle", "seed", "eval_at", "device", "deterministic"):
+    for name in ("arch", "srm", "epochs", "lr", "momentum", "batch_size", "shuffle", "seed", "eval_at", "device", "deterministic", "cuda_graph"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     check_limits(values)

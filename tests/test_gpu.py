@@ -15,6 +15,7 @@ deterministic mode must repeat and resume bit for bit on the GPU, as on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -215,6 +216,40 @@ def test_no_host_synchronisation_inside_the_training_steps(toy, srm, shuffle):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert len(result.history) == 3
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA (tests/test_graph.py checks their buffers on the CPU)")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+@pytest.mark.parametrize("form, seeds", [("one", [11]), ("wide", [11, 11, 11]), ("vmap", [11, 12, 13])])
+def test_a_cuda_graph_replays_the_training_steps_as_eager_steps_take_them(toy, monkeypatch, form, seeds, deterministic):
+    import fakedet.train as train_module
+    from fakedet.train import GraphStepper, train_models
+
+    made = []
+
+    class Counted(GraphStepper):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(train_module, "GraphStepper", Counted)
+    train_set, eval_sets = data(toy)
+    cfgs = [cfg(srm="pool1", seed=s, lr=lr, deterministic=deterministic) for s, lr in zip(seeds, (1e-2, 2e-2, 5e-3))]
+    eager = train_models(cfgs, train_set, eval_sets)
+    torch.cuda.set_sync_debug_mode("error")  # a replayed step, too, never waits for the device
+    try:
+        graphed = train_models([dataclasses.replace(c, cuda_graph=True) for c in cfgs], train_set, eval_sets)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    (stepper,) = made
+    steps = graphed[0].history[-1]["step"]
+    assert stepper.captures == 1 and stepper.replayed == steps - stepper.eager > 0
+    diff = max(max_difference(scores(e.history), scores(g.history)) for e, g in zip(eager, graphed))
+    MEASURED[f"graph_vs_eager_{form}_{'deterministic' if deterministic else 'fast'}"] = diff
+    if deterministic:  # the same kernels on the same buffers
+        assert all(curves(e.history) == curves(g.history) for e, g in zip(eager, graphed))
+    else:
+        assert diff <= LOSS_TOL
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="device memory is a CUDA figure (bench_train.py --concurrent measures RSS on the CPU)")

@@ -20,7 +20,7 @@ from fakedet.config import TrainConfig
 # Where a trial's checkpoint holds the artifacts of the cells that end at its step (one folder per cell's epochs)
 CELL_ARTIFACTS = "cell_artifacts"
 # Fields that change how a run is executed or scored, never what it learns: left out of a cell's identity.
-RUNTIME_FIELDS = ("eval_at", "eval_batch_size", "device", "deterministic")
+RUNTIME_FIELDS = ("eval_at", "eval_batch_size", "device", "deterministic", "cuda_graph")
 # Fields added after sweeps were first recorded: at their defaults (the study's) they are left out of a
 # cell's key, so that the cells of a sweep recorded before them keep their keys and resume.
 LATER_FIELDS = ("attention", "augment", "augment_p", "augment_sigma", "augment_quality", "train_on")
