@@ -48,12 +48,7 @@ if str(REPO) not in sys.path:
 from fakedet.bundle import StackedStepper, WideStepper  # noqa: E402
 from fakedet.config import TrainConfig  # noqa: E402
 from fakedet.preprocess import algorithms, ieee_float32  # noqa: E402
-from fakedet.train import BatchSchedule, ModuleStepper, build_initial, epoch_order, sgd_for  # noqa: E402
-
-try:
-    from fakedet.train import GraphStepper  # noqa: E402
-except ImportError:  # fakedet.train without CUDA-graph steps: `--what graph` says so on CUDA
-    GraphStepper = None
+from fakedet.train import BatchSchedule, GraphStepper, ModuleStepper, build_initial, epoch_order, sgd_for  # noqa: E402
 
 BATCH = 32  # the study's batch size
 N_IMAGES = 4480  # the default stand-in's training set size (140 batches of 32)
@@ -297,9 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    if device.type == "cuda" and "graph" in what and GraphStepper is None:
-        print("graph: this fakedet.train has no GraphStepper; nothing measured", file=sys.stderr)
-        return 1
     torch.set_num_threads(1)
     x, y = images(N_IMAGES)
     bench = Bench(device, args.steps, x.to(device), y.to(device))
