@@ -20,6 +20,8 @@ from sklearn.metrics import roc_auc_score
 
 from fakedet.data import load_splits, make_synthetic, resolve_data
 from fakedet.data.synthetic import DELIBERATE_CORRUPT, PLANT_GRATING_CYCLES, SIZES, cifake_name
+from fakedet.data.options import PrepareOptions
+from fakedet.data.splits import holdout
 from fakedet.data.units import UnitStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +56,16 @@ def test_idempotent_and_refuses_foreign_folders(tiny_src, tmp_path):
     (tmp_path / "busy" / "mine.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         make_synthetic(tmp_path / "busy", "tiny", show_progress=False)
+
+
+def test_cifake_size_trains_on_cifakes_90000_images():
+    """The `cifake` size is CIFAKE's own: 90,000 training images once the validation split is held out
+    (benchmarks/gpu_check.sh runs the whole grid at that scale), 20,000 test images."""
+    size = SIZES["cifake"]
+    labels = np.repeat([0, 1], size.cifake_train)
+    keep, held = holdout(labels, PrepareOptions().val_fraction, PrepareOptions().seed)
+    assert (len(keep), len(held), 2 * size.cifake_test) == (90_000, 10_000, 20_000)
+    assert 2 * size.agiri_train > PrepareOptions().agiri_val_size  # AGIRI train holds the agiri_val sample
 
 
 def test_cifake_format(tiny_src):

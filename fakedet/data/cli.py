@@ -64,7 +64,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "--size",
         choices=tuple(SIZES),
         default="default",
-        help="tiny (tests), small (smoke sweeps), default (the README's ablation)",
+        help="tiny (tests), small (smoke sweeps), default (the README's ablation), cifake (CIFAKE's counts)",
     )
     m.add_argument("--seed", type=int, default=0)
     m.add_argument(

@@ -37,7 +37,7 @@ def resolve_data(
 ) -> Path:
     """A prepared cache directory for `spec` (see SPEC_HELP), under `cache_root` when it is built here.
 
-    size: the stand-in's size (tiny, small, default) when spec is 'synthetic'.
+    size: the stand-in's size (tiny, small, default, cifake) when spec is 'synthetic'.
     seed: the stand-in's generation seed (not the split seed, which is in `options`).
     variant: the stand-in's variant (`standard`, or `planted`: cues of known effect, STANDIN.md).
     """
