@@ -636,6 +636,16 @@ def _matrix_order(at: str) -> tuple:
     return (0, float(value), "") if kind == "epochs" else (1, 0.0, value)
 
 
+def _matrix_panel_title(at: str) -> str:
+    """A transfer-matrix panel's title from its `at` key: `epochs=10` or `rule=transfer_val`."""
+    kind, _, value = at.partition("=")
+    if kind == "rule":
+        return f"at the point chosen by {value}"
+    if kind == "epochs":
+        return f"after {value} epoch" + ("" if value == "1" else "s")
+    return at.replace("=", " = ")
+
+
 def transfer_matrix(results: SweepResults, rules: Sequence[str] = ("transfer_val", "intrinsic_val_loss")) -> Figure:
     """The transfer matrix as heatmaps: a panel per cell length and per cutoff rule in `rules` (at the point
     it chose in each trajectory); rows the training sets (and any other setting the sweep varies), columns
@@ -661,7 +671,10 @@ def transfer_matrix(results: SweepResults, rules: Sequence[str] = ("transfer_val
                     row = part.loc[(r, c)]
                     grid[i, j] = row["mean"]
                     ci = (f"\n[{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if np.isfinite(row["ci_low"]) else "\nno interval")
-                    ax.text(j, i, f"{row['mean']:.2f}{ci}\nn={int(row['n_trajectories'])}", ha="center", va="center", fontsize=8)
+                    # RdBu is dark at both ends: light text there, or the figures vanish into the colour
+                    ink = "white" if abs(row["mean"] - 0.5) > 0.3 else "black"
+                    ax.text(j, i, f"{row['mean']:.2f}{ci}\nn={int(row['n_trajectories'])}", ha="center", va="center", fontsize=8,
+                            color=ink)
         for i in np.flatnonzero(np.isnan(grid).all(axis=1)):  # say why a row is empty, not only leave it blank
             why = (f"no {at[5:]} point: this training set has no such set to choose on" if at.startswith("rule=")
                    else "not trained this long")
@@ -669,8 +682,7 @@ def transfer_matrix(results: SweepResults, rules: Sequence[str] = ("transfer_val
         image = ax.imshow(grid, cmap="RdBu", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(columns)), columns, fontsize=8)
         ax.set_yticks(range(len(rows)), [f"train {r}" for r in rows], fontsize=LEGEND_PT)
-        ax.set_title(at.replace("=", " = ").replace("rule = ", "at the point chosen by ").replace("epochs = ", "after ") + (" epochs" if at.startswith("epochs") else ""),
-                     fontsize=10)
+        ax.set_title(_matrix_panel_title(at), fontsize=10)
     if image is not None:
         fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.8, label="ROC AUC; CIFAR-100: share predicted REAL")
     level = int(round(100 * float(matrix["confidence"].iloc[0])))

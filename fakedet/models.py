@@ -228,7 +228,11 @@ class CifarTutorialCNN(nn.Module):
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, 1)
-        attention_module(attention, 6)  # an unknown name is refused whatever the placement
+        # an unknown name is refused whatever the placement; checked, not built: building a module draws its
+        # initial weights from torch's generator, which would shift every module built after it off the
+        # study's initialisation under the same seed
+        if attention not in ATTENTIONS:
+            attention_module(attention, 6)  # raises the one-line refusal
         self.attend = attention_module(attention, 6) if "pool1" in slots else None
         self.attend2 = attention_module(attention, 16) if "pool2" in slots else None
 

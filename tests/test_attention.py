@@ -3,10 +3,11 @@ and saves and loads with its kind; SRM keeps the study's parameter names."""
 
 import pytest
 import torch
+import torch.nn as nn
 
 from fakedet.config import TrainConfig
 from fakedet.models import (ATTENTIONS, CBAM, ECA, SE, bottleneck, build_model, count_parameters, eca_kernel_size,
-                            load_checkpoint, register_attention, save_checkpoint)
+                            load_checkpoint, placement, register_attention, save_checkpoint)
 from fakedet.train import train, train_models
 from test_bundle import ATOL, assert_same_history, assert_same_state, data, one_thread  # noqa: F401
 
@@ -64,6 +65,24 @@ def test_srm_model_keeps_the_reference_parameter_names():
         "attend.cfc.weight", "attend.bn.weight", "attend.bn.bias", "attend.bn.running_mean", "attend.bn.running_var",
         "attend.bn.num_batches_tracked", "attend2.cfc.weight", "attend2.bn.weight", "attend2.bn.bias",
         "attend2.bn.running_mean", "attend2.bn.running_var", "attend2.bn.num_batches_tracked"]
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTIONS))
+@pytest.mark.parametrize("srm", ["none", "pool1", "pool2", "both"])
+def test_a_model_draws_its_initial_weights_for_its_own_layers_only(srm, attention):
+    """Under one seed a model's weights are those of its layers built in order, nothing drawn in between:
+    a module built and thrown away would move the attention modules' (and the study's SRM) initialisation."""
+    torch.manual_seed(5)
+    model = build_model("cifar_cnn", srm, attention)
+    after_model = torch.rand(1)
+    torch.manual_seed(5)
+    by_hand = [nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5), nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 1)]
+    slots = placement(srm).slots
+    by_hand += [ATTENTIONS[attention](c) for slot, c in (("pool1", 6), ("pool2", 16)) if slot in slots]
+    assert torch.equal(torch.rand(1), after_model)
+    theirs = [p for m in by_hand for p in m.state_dict().values()]
+    assert len(theirs) == len(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), theirs))
 
 
 def test_unknown_attention_is_refused_by_the_model_and_the_config():

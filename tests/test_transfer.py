@@ -242,6 +242,12 @@ def test_the_matrix_is_a_figure_and_a_section_of_the_report(store):
     assert "ROC AUC" in title and "t interval" in title and "n per cell" in title
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert any("n=3" in t and "[" in t for t in texts)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "after 4 epochs" in titles and "at the point chosen by transfer_val" in titles
+    assert views._matrix_panel_title("epochs=1") == "after 1 epoch"
+    # a value near 0 or 1 sits on a dark colour: its figures are written in white, the rest in black
+    inks = {(t.get_text().split("\n")[0], t.get_color()) for ax in fig.axes for t in ax.texts if "n=" in t.get_text()}
+    assert all(ink == ("white" if abs(float(v) - 0.5) > 0.3 else "black") for v, ink in inks)
     with tempfile.TemporaryDirectory() as d:
         page = Path(results.client.download_artifacts(results.parent_run_id, "report.html", d)).read_text()
     assert "id='transfer'" in page and "rule=transfer_val" in page and "n=3" in page
